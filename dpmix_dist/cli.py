@@ -1,0 +1,87 @@
+"""What `launch/finetune.py` runs: validate everything, then train. User errors become one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from dpmix_dist.config import ConfigError, dump_config, load_config
+from dpmix_dist.data.sources import DataError
+from dpmix_dist.models import ModelError
+from dpmix_dist.privacy.seeding import fresh_secret_seed
+
+USER_ERRORS = (ConfigError, DataError, ModelError, FileExistsError, FileNotFoundError, ValueError)
+
+SEED_WARNING = (
+    "WARNING: --seed fixes the sampling and the noise. The (ε, δ) guarantee now rests on this seed staying "
+    "secret: do not publish it, and never use a fixed seed for a model you release."
+)
+
+
+def fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _check_output_dir(output_dir: Path, resume: bool) -> None:
+    if resume:
+        if not (output_dir / "checkpoint.pt").is_file():
+            raise FileNotFoundError(f"--resume: {output_dir} holds no unfinished run (no checkpoint.pt)")
+    elif output_dir.exists() and any(output_dir.iterdir()):
+        raise FileExistsError(
+            f"--output-dir {output_dir} is not empty; choose a new folder, or pass --resume to continue its run"
+        )
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config, args.overrides)
+        _check_output_dir(args.output_dir, args.resume)
+    except USER_ERRORS as exc:
+        return fail(str(exc))
+
+    # Heavy imports after the cheap checks: a typo in the config fails in a second.
+    from dpmix_dist.distributed import Distributed
+    from dpmix_dist.train import Trainer, read_checkpoint_seed
+
+    dist = Distributed(cpu=args.cpu)
+    output_dir = Path(dist.broadcast_object(str(args.output_dir)))  # the main process's choice of default name
+    secret = None
+    if dist.is_main:
+        if args.resume:
+            secret = read_checkpoint_seed(output_dir)
+        elif args.seed is not None:
+            print(SEED_WARNING, file=sys.stderr)
+            secret = args.seed
+        else:
+            secret = fresh_secret_seed()
+    secret_seed = dist.broadcast_secret(secret)
+
+    try:
+        trainer = Trainer(config, dist, output_dir, secret_seed)
+    except USER_ERRORS as exc:
+        dist.close()
+        return fail(str(exc))
+
+    if dist.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(dump_config(config))
+        g = trainer.guarantee
+        print(
+            f"DP-SGD: target ε={config.privacy.target_epsilon:g} at δ={g.delta:g} ({g.accountant}); σ={g.noise_multiplier:.4f}, "
+            f"q={g.sample_rate:.5f}, {g.steps} steps, C={g.max_grad_norm:g}, world size {dist.world_size}, "
+            f"{sum(p.numel() for p in trainer.params.values()):,} trainable parameters",
+            flush=True,
+        )
+    started = time.time()
+    summary = trainer.train(resume=args.resume)
+    if dist.is_main:
+        short = {k: v for k, v in summary.items() if k != "history"}
+        print(json.dumps(short, indent=2))
+        print(f"done in {time.time() - started:.0f} s: test accuracy {summary['test_accuracy']:.4f} at "
+              f"ε={summary['epsilon']:.3f}, δ={summary['delta']:g}; outputs in {output_dir}")
+    dist.close()
+    return 0

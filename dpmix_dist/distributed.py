@@ -1,0 +1,94 @@
+"""Everything that knows about processes, ranks and devices. The only module that imports accelerate.
+
+`accelerate launch` (or torchrun) sets the environment; `PartialState` joins the process group (gloo on CPU,
+NCCL on GPUs). The training code asks this module simple questions (`is_main`, `all_reduce_sum`) and never
+branches on ranks itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as torch_dist
+from accelerate import PartialState
+
+
+class Distributed:
+    """The process group as the trainer sees it. One process works too (world size 1, no collectives)."""
+
+    def __init__(self, cpu: bool = False) -> None:
+        self._state = PartialState(cpu=cpu)
+        self.rank = self._state.process_index
+        self.local_rank = self._state.local_process_index
+        self.world_size = self._state.num_processes
+        self.device = self._state.device
+        self.is_main = self._state.is_main_process
+        self.is_local_main = self._state.is_local_main_process
+        self.num_nodes = int(os.environ.get("NNODES", os.environ.get("GROUP_WORLD_SIZE", "1")) or 1)
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1 and torch_dist.is_available() and torch_dist.is_initialized()
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> None:
+        """In-place SUM over all ranks."""
+        if self.active:
+            torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+
+    def broadcast_secret(self, value: int | None) -> int:
+        """The main process's secret (e.g. the seed) to every rank, through the process group only."""
+        tensor = torch.tensor([value if value is not None else -1], dtype=torch.int64, device=self.device)
+        if self.active:
+            torch_dist.broadcast(tensor, src=0)
+        result = int(tensor.item())
+        if result < 0:
+            raise RuntimeError("the main process had no secret to broadcast")
+        return result
+
+    def broadcast_object(self, obj: object) -> object:
+        """A small picklable value from the main process to every rank (e.g. the output folder name)."""
+        if not self.active:
+            return obj
+        box = [obj]
+        torch_dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.active:
+            torch_dist.barrier()
+
+    @contextlib.contextmanager
+    def local_main_first(self) -> Iterator[None]:
+        """The node's first process runs the block first (e.g. to build a cache), then the others."""
+        if not self.is_local_main:
+            self.barrier()
+        yield
+        if self.is_local_main:
+            self.barrier()
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank if `flag` is True on any rank (e.g. 'a signal asked us to stop')."""
+        tensor = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        self.all_reduce_sum(tensor)
+        return bool(tensor.item() > 0)
+
+    def check_identical(self, flat: torch.Tensor, what: str) -> None:
+        """Fail loudly unless `flat` is bit-identical on all ranks (compared by two float64 fingerprints)."""
+        if not self.active:
+            return
+        x = flat.detach().double()
+        weights = torch.arange(x.numel(), device=x.device, dtype=torch.float64).remainder_(97).add_(1)
+        fingerprint = torch.stack([x.sum(), (x * weights).sum()])
+        low, high = fingerprint.clone(), fingerprint.clone()
+        torch_dist.all_reduce(low, op=torch_dist.ReduceOp.MIN)
+        torch_dist.all_reduce(high, op=torch_dist.ReduceOp.MAX)
+        if not torch.equal(low, high):
+            raise RuntimeError(f"{what} differ across ranks; the ranks ran different updates (a bug: please report)")
+
+    def close(self) -> None:
+        if self.active:
+            torch_dist.barrier()
+            torch_dist.destroy_process_group()

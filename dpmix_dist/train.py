@@ -1,0 +1,300 @@
+"""The trainer: build (data, model, mechanism), then `train()` (resume, steps, eval, checkpoints, outputs).
+
+`train_step()` is one logical DP-SGD step: Poisson-sample this rank's examples, per-example gradients over
+micro-batches, clip and sum locally, then `PrivateGradient.finish_step` (all-reduce, noise once, / q·N) and
+the optimizer. Everything random is derived from (secret seed, step), so the run does not depend on the
+number of processes or the micro-batch size, and a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch.func import functional_call
+from tqdm import tqdm
+
+from dpmix_dist.config import Config, check_against_dataset, dump_config
+from dpmix_dist.data.shards import load_split, read_metadata
+from dpmix_dist.data.store import ExampleStore
+from dpmix_dist.data.transforms import to_model_input
+from dpmix_dist.distributed import Distributed
+from dpmix_dist.models import build_dp_model
+from dpmix_dist.privacy import accounting
+from dpmix_dist.privacy.clipping import per_example_grads
+from dpmix_dist.privacy.mechanism import PrivateGradient
+from dpmix_dist.privacy.sampling import owned_indices, sample_local
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class Guarantee:
+    """The published part of a run: what (ε, δ) it spends and how."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    delta: float
+    accountant: str
+    max_grad_norm: float
+    expected_batch_size: int
+
+    def epsilon(self, steps: int | None = None) -> float:
+        steps = self.steps if steps is None else steps
+        return accounting.epsilon_spent(self.noise_multiplier, self.sample_rate, steps, self.delta, self.accountant)
+
+
+def plan_guarantee(config: Config, num_train: int) -> Guarantee:
+    """σ and the number of steps, fixed before training so that ε never exceeds the target."""
+    p = config.privacy
+    sample_rate = p.expected_batch_size / num_train  # the sampler and the accountant share this value
+    steps = accounting.planned_steps(p.epochs, sample_rate)
+    if p.noise_multiplier is None:
+        sigma = accounting.calibrate_noise_multiplier(p.target_epsilon, p.target_delta, sample_rate, steps, p.accountant)
+    else:
+        sigma = p.noise_multiplier
+        steps = accounting.max_steps_within(p.target_epsilon, sigma, sample_rate, p.target_delta, p.accountant, steps)
+        if steps == 0:
+            raise ValueError(
+                f"privacy.noise_multiplier={sigma} spends more than ε={p.target_epsilon} in one step; "
+                "raise it or leave it null to calibrate"
+            )
+    return Guarantee(sigma, sample_rate, steps, p.target_delta, p.accountant, p.max_grad_norm, p.expected_batch_size)
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """One private fine-tuning run. Build with everything checked, then `train()`."""
+
+    def __init__(self, config: Config, dist: Distributed, output_dir: Path, secret_seed: int) -> None:
+        self.config, self.dist, self.output_dir = config, dist, output_dir
+        self._secret_seed = secret_seed  # never logged; lives only in memory and in the private checkpoint
+        torch.manual_seed(0)  # model construction is seed-independent: the head is zero-init, the rest pretrained
+        if config.performance.num_threads:
+            torch.set_num_threads(config.performance.num_threads)
+
+        # --- data: metadata first, so bad settings fail before any work
+        self.metadata = read_metadata(config.data.root)
+        self.num_train = self.metadata["splits"]["train"]["num_examples"]
+        self.num_test = self.metadata["splits"]["test"]["num_examples"]
+        check_against_dataset(config, self.num_train)
+        self.guarantee = plan_guarantee(config, self.num_train)
+
+        # --- model
+        m = config.model
+        self.dp_model = build_dp_model(
+            m.name, m.weights, self.metadata["num_classes"], norm=m.norm, groupnorm_groups=m.groupnorm_groups,
+            trainable=m.trainable, num_trainable_blocks=m.num_trainable_blocks, image_size=config.data.image_size,
+        )  # fmt: skip
+        self.dp_model.model.to(dist.device)
+        self.params = self.dp_model.trainable_params()
+        cfg = self.dp_model.model.pretrained_cfg
+        self._mean, self._std = tuple(cfg.get("mean", (0.5,) * 3)), tuple(cfg.get("std", (0.5,) * 3))
+
+        # --- optimizer (post-processing of the private gradient)
+        o = config.optim
+        params = list(self.params.values())
+        if o.name == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        else:
+            cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+            self.optimizer = cls(params, lr=o.lr, weight_decay=o.weight_decay)
+        total = self.guarantee.steps
+        schedule = (lambda s: 0.5 * (1 + math.cos(math.pi * s / total))) if o.schedule == "cosine" else (lambda s: 1.0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+
+        self.mechanism = PrivateGradient(
+            {name: p.shape for name, p in self.params.items()},
+            noise_multiplier=self.guarantee.noise_multiplier,
+            max_grad_norm=self.guarantee.max_grad_norm,
+            expected_batch_size=self.guarantee.expected_batch_size,
+            secret_seed=secret_seed,
+            world_size=dist.world_size,
+            all_reduce_sum=dist.all_reduce_sum,
+            device=dist.device,
+        )
+        self.step = 0
+        self.history: list[dict] = []
+        # Decoding shards and caching features happen here, so a corrupt shard fails before any output is written.
+        self.train_store = self._store("train", "caching train features")
+        self.test_store = self._store("test", "caching test features")
+
+    # ------------------------------------------------------------------------------------------ data
+
+    def _to_input(self, images) -> torch.Tensor:
+        return to_model_input(images, self.config.data.image_size, self._mean, self._std, self.dist.device)
+
+    def _store(self, split: str, desc: str) -> ExampleStore:
+        with self.dist.local_main_first():  # the node's first process decodes the shards; the others reuse it
+            data = load_split(self.config.data.root, split, self.config.data.cache_dir)
+        owned = owned_indices(len(data), self.dist.rank, self.dist.world_size)
+        caching = self.config.performance.cache_frozen_features and self.config.augment.method == "dpsgd"
+        bar = tqdm(total=len(owned), desc=desc, unit="img", disable=not (self.dist.is_main and caching and self.config.run.progress_bar))
+        store = ExampleStore(
+            data, owned, self._to_input, self.dp_model.split.prefix, cache_features=caching,
+            batch_size=self.config.performance.eval_batch_size, progress=bar.update,
+        )  # fmt: skip
+        bar.close()
+        return store
+
+    # ------------------------------------------------------------------------------------------ steps
+
+    def _forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.dp_model.tail_module, params, (x,))
+
+    def train_step(self, store: ExampleStore) -> float:
+        """One logical step. Returns this rank's mean group loss on its sampled examples (NaN if none)."""
+        g = self.guarantee
+        if self.step >= g.steps:
+            raise RuntimeError(f"step {self.step} would exceed the planned {g.steps} steps (and the target ε)")
+        sampled = sample_local(self._secret_seed, self.step, store.owned, self.num_train, g.sample_rate)
+        self.mechanism.begin_step(self.step)
+        detached = {name: p.detach() for name, p in self.params.items()}
+        loss_sum = 0.0
+        for chunk in sampled.split(self.config.performance.micro_batch_size):
+            inputs = store.features(chunk).unsqueeze(1)  # (b, K=1, ...): one group per example
+            targets = store.labels(chunk).to(self.dist.device).unsqueeze(1)
+            grads, losses = per_example_grads(self._forward, detached, inputs, targets)
+            self.mechanism.accumulate(grads)
+            loss_sum += float(losses.sum())
+        flat = self.mechanism.finish_step()
+        for name, grad in self.mechanism.unflatten(flat).items():
+            self.params[name].grad = grad.to(self.params[name].dtype)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        return loss_sum / len(sampled) if len(sampled) else float("nan")
+
+    @torch.no_grad()
+    def evaluate(self, store: ExampleStore) -> float:
+        """Accuracy on the test split (each rank scores its part; counts are summed)."""
+        counts = torch.zeros(2, device=self.dist.device, dtype=torch.float64)
+        for chunk in store.owned.split(self.config.performance.eval_batch_size):
+            logits = self.dp_model.split.tail(store.features(chunk))
+            counts[0] += (logits.argmax(1).cpu() == store.labels(chunk)).sum()
+            counts[1] += len(chunk)
+        self.dist.all_reduce_sum(counts)
+        return float(counts[0] / counts[1])
+
+    # ------------------------------------------------------------------------------------------ the run
+
+    def train(self, resume: bool = False) -> dict:
+        g, run = self.guarantee, self.config.run
+        if resume:
+            self._load_checkpoint()
+        train_store, test_store = self.train_store, self.test_store
+        steps_per_epoch = 1.0 / g.sample_rate
+        eval_every = max(1, round(run.eval_every_epochs * steps_per_epoch))
+        ckpt_every = max(1, round(run.checkpoint_every_epochs * steps_per_epoch))
+        show_every = max(1, round(steps_per_epoch / 10))
+        bar = tqdm(total=g.steps, initial=self.step, desc="DP training", unit="step", disable=not (self.dist.is_main and run.progress_bar))
+        start, epsilon, accuracy = time.time(), g.epsilon(self.step), float("nan")
+        while self.step < g.steps:
+            loss = self.train_step(train_store)
+            if self.step % show_every == 0 or self.step == g.steps:
+                epsilon = g.epsilon(self.step)
+                self.dist.check_identical(torch.cat([p.detach().flatten() for p in self.params.values()]), "parameters")
+            if self.step % eval_every == 0 or self.step == g.steps:
+                accuracy = self.evaluate(test_store)
+                self.history.append({"step": self.step, "epsilon": g.epsilon(self.step), "test_accuracy": accuracy})
+                bar.write(f"step {self.step}/{g.steps}  ε={self.history[-1]['epsilon']:.3f}  test accuracy {accuracy:.4f}")
+            if self.step % ckpt_every == 0 and self.step < g.steps:
+                self._save_checkpoint()
+            bar.set_postfix(loss=f"{loss:.3f}", eps=f"{epsilon:.2f}/{self.config.privacy.target_epsilon:g}")
+            bar.update(1)
+        bar.close()
+        return self._finish(accuracy, time.time() - start)
+
+    def _finish(self, accuracy: float, seconds: float) -> dict:
+        g = self.guarantee
+        final_epsilon = g.epsilon(self.step)
+        if final_epsilon > self.config.privacy.target_epsilon:  # cannot happen by construction; never publish it
+            raise RuntimeError(f"spent ε={final_epsilon} > target {self.config.privacy.target_epsilon}")
+        summary = {
+            "test_accuracy": accuracy,
+            "epsilon": final_epsilon,
+            "delta": g.delta,
+            "accountant": g.accountant,
+            "noise_multiplier": g.noise_multiplier,
+            "sample_rate": g.sample_rate,
+            "steps": self.step,
+            "expected_batch_size": g.expected_batch_size,
+            "max_grad_norm": g.max_grad_norm,
+            "world_size": self.dist.world_size,
+            "method": self.config.augment.method,
+            "num_views": self.config.augment.num_views,
+            "model": self.config.model.name,
+            "dataset": self.metadata["name"],
+            "num_train_examples": self.num_train,
+            "trainable_parameters": sum(p.numel() for p in self.params.values()),
+            "train_seconds": round(seconds, 1),
+            "history": self.history,
+        }
+        if self.dist.is_main:
+            state = {k: v.detach().cpu().contiguous() for k, v in self.dp_model.model.state_dict().items()}
+            _atomic_write(self.output_dir / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+            _atomic_write(self.output_dir / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
+            (self.output_dir / CHECKPOINT).unlink(missing_ok=True)  # the finished run needs no private resume state
+        self.dist.barrier()
+        return summary
+
+    # ------------------------------------------------------------------------------------------ resume
+
+    def _save_checkpoint(self) -> None:
+        """A private artifact (it holds the secret seed): mode 0600, written atomically by the main process."""
+        if not self.dist.is_main:
+            return
+        state = {
+            "step": self.step,
+            "secret_seed": self._secret_seed,
+            "config": dump_config(self.config),
+            "model": {name: p.detach().cpu() for name, p in self.params.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "history": self.history,
+        }
+
+        def write(tmp: Path) -> None:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                torch.save(state, f)
+
+        _atomic_write(self.output_dir / CHECKPOINT, write)
+
+    def _load_checkpoint(self) -> None:
+        path = self.output_dir / CHECKPOINT
+        if not path.is_file():
+            raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {self.output_dir}; nothing to resume")
+        state = torch.load(path, map_location=self.dist.device, weights_only=False)
+        if state["config"] != dump_config(self.config):
+            raise ValueError(f"--resume: {path} was written with a different config; resume with the same one")
+        if state["secret_seed"] != self._secret_seed:
+            raise ValueError("--resume: internal error, the secret seed was not restored from the checkpoint")
+        with torch.no_grad():
+            for name, value in state["model"].items():
+                self.params[name].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.history = state["step"], state["history"]
+        self.mechanism.resume_after(self.step - 1)
+
+
+def read_checkpoint_seed(output_dir: Path) -> int | None:
+    """The secret seed stored in a run's checkpoint (for --resume), or None if there is none."""
+    path = output_dir / CHECKPOINT
+    if not path.is_file():
+        return None
+    return int(torch.load(path, map_location="cpu", weights_only=False)["secret_seed"])

@@ -1,0 +1,83 @@
+"""Small data sets in the real on-disk formats (idx.gz, CIFAR python tarball, ImageFolder), made by tests.
+
+Images carry their label (a class-specific pattern plus noise), so a model can learn them in a few steps.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+
+def class_images(labels: np.ndarray, size: int, channels: int, seed: int) -> np.ndarray:
+    """uint8 (N, size, size, channels): class c lights up the c-th horizontal band, plus noise."""
+    rng = np.random.default_rng(seed)
+    n, num_classes = len(labels), int(labels.max()) + 1
+    images = rng.integers(0, 60, size=(n, size, size, channels)).astype(np.int32)
+    band = max(1, size // num_classes)
+    for i, c in enumerate(labels):
+        images[i, c * band % size : c * band % size + band, :, :] += 180
+    return np.clip(images, 0, 255).astype(np.uint8)
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def make_fashion_mnist_idx(folder: Path, num_train: int = 200, num_test: int = 50, seed: int = 0) -> Path:
+    """Fashion-MNIST's four idx.gz files, 28×28 grey, 10 classes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for prefix, n in (("train", num_train), ("t10k", num_test)):
+        labels = rng.integers(0, 10, size=n)
+        labels[:10] = np.arange(10)  # every class present
+        _write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", class_images(labels, 28, 1, seed + n)[..., 0])
+        _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return folder
+
+
+def make_cifar_tarball(path: Path, num_classes: int, num_train: int = 100, num_test: int = 20, seed: int = 0) -> Path:
+    """A cifar-10-python.tar.gz / cifar-100-python.tar.gz with the official member names and pickle keys."""
+    rng = np.random.default_rng(seed)
+    names = [f"class{i}".encode() for i in range(num_classes)]
+
+    def batch(n: int, key: bytes) -> dict:
+        labels = rng.integers(0, num_classes, size=n)
+        data = class_images(labels, 32, 3, int(rng.integers(1 << 30))).transpose(0, 3, 1, 2).reshape(n, -1)
+        return {b"data": data, key: labels.tolist()}
+
+    if num_classes == 10:
+        top = "cifar-10-batches-py"
+        members = {f"data_batch_{i}": batch(num_train // 5, b"labels") for i in range(1, 6)}
+        members["test_batch"] = batch(num_test, b"labels")
+        members["batches.meta"] = {b"label_names": names}
+    else:
+        top = "cifar-100-python"
+        members = {"train": batch(num_train, b"fine_labels"), "test": batch(num_test, b"fine_labels")}
+        members["meta"] = {b"fine_label_names": names}
+    with tarfile.open(path, "w:gz") as tar:
+        for name, obj in members.items():
+            payload = pickle.dumps(obj)
+            info = tarfile.TarInfo(f"{top}/{name}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return path
+
+
+def make_image_folder(root: Path, classes: tuple[str, ...] = ("cat", "dog", "fox"), per_class: int = 4, size: int = 20) -> Path:
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            images = class_images(np.full(per_class, c), size, 3, seed=c + 10 * len(split))
+            for i, image in enumerate(images):
+                Image.fromarray(image).save(root / split / name / f"{i}.png")
+    return root
