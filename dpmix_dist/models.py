@@ -207,7 +207,7 @@ _BLOCK_SPLITTERS = {
 def split_model(model: nn.Module, trainable: str, num_trainable_blocks: int) -> Split:
     """Cut `model` where training starts (see module docstring)."""
     if trainable == "all":
-        return Split(lambda x: x, model, [model])
+        return Split(lambda x: x, model.forward, [model])  # a bound method: TailModule must not re-register model
     if trainable == "head":
         return Split(model.forward_features, model.forward_head, [model.get_classifier()])
     kind = type(model).__name__
@@ -275,8 +275,21 @@ def build_dp_model(
     num_trainable_blocks: int = 1,
     image_size: int | None = None,
 ) -> DPModel:
-    """Create, fix for DP, split, and mark trainable parameters. The model is left in eval mode."""
+    """Create a timm backbone by name and make it DP-ready (see `make_dp_model`)."""
     model = create_backbone(name, weights, num_classes, image_size)
+    return make_dp_model(model, norm=norm, groupnorm_groups=groupnorm_groups, trainable=trainable,
+                         num_trainable_blocks=num_trainable_blocks)
+
+
+def make_dp_model(
+    model: nn.Module,
+    *,
+    norm: str = "freeze",
+    groupnorm_groups: int = 32,
+    trainable: str = "last_blocks",
+    num_trainable_blocks: int = 1,
+) -> DPModel:
+    """Fix `model` for DP, split it, and mark the trainable parameters. The model is left in eval mode."""
     if norm == "groupnorm":
         convert_batchnorm_to_groupnorm(model, groupnorm_groups)
     disable_inplace(model)
