@@ -8,10 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from dpmix_dist.config import ConfigError, dump_config, load_config
-from dpmix_dist.data.sources import DataError
-from dpmix_dist.models import ModelError
-from dpmix_dist.privacy.seeding import fresh_secret_seed
+from dpmix_dist.config import dump_config, load_config
+from dpmix_dist.errors import ConfigError, DataError, ModelError
 
 USER_ERRORS = (ConfigError, DataError, ModelError, FileExistsError, FileNotFoundError, ValueError)
 
@@ -45,7 +43,8 @@ def run_finetune(args: argparse.Namespace) -> int:
 
     # Heavy imports after the cheap checks: a typo in the config fails in a second.
     from dpmix_dist.distributed import Distributed
-    from dpmix_dist.train import Trainer, read_checkpoint_seed
+    from dpmix_dist.privacy.seeding import fresh_secret_seed
+    from dpmix_dist.train import Interrupted, Trainer, read_checkpoint_seed
 
     dist = Distributed(cpu=args.cpu)
     output_dir = Path(dist.broadcast_object(str(args.output_dir)))  # the main process's choice of default name
@@ -77,7 +76,14 @@ def run_finetune(args: argparse.Namespace) -> int:
             flush=True,
         )
     started = time.time()
-    summary = trainer.train(resume=args.resume)
+    try:
+        summary = trainer.train(resume=args.resume)
+    except Interrupted as stopped:
+        if dist.is_main:
+            print(f"interrupted: {stopped}; checkpoint written. Continue with the same command plus "
+                  f"--resume --output-dir {output_dir}", file=sys.stderr)
+        dist.close()
+        return 130
     if dist.is_main:
         short = {k: v for k, v in summary.items() if k != "history"}
         print(json.dumps(short, indent=2))

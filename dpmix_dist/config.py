@@ -11,6 +11,7 @@ change the mechanism or the result beyond float rounding (micro-batch size, thre
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,9 +23,7 @@ import yaml
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-class ConfigError(ValueError):
-    """A configuration problem; the message names the key and the fix."""
-
+from dpmix_dist.errors import ConfigError
 
 def _fail(key: str, message: str) -> None:
     raise ConfigError(f"{key}: {message}")
@@ -233,8 +232,15 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
             _fail(key, f"must be an integer, got {value!r}")
         return value
     if annotation is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-5 without a dot as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(key, f"must be a number, got {value!r}")
+        if not math.isfinite(value):
+            _fail(key, f"must be finite, got {value!r}")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):

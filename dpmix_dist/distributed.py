@@ -20,7 +20,15 @@ class Distributed:
     """The process group as the trainer sees it. One process works too (world size 1, no collectives)."""
 
     def __init__(self, cpu: bool = False) -> None:
-        self._state = PartialState(cpu=cpu)
+        # Without a GPU, accelerate only forms a multi-process (gloo) group when told cpu=True; otherwise each
+        # launched process silently believes it is alone.
+        self._state = PartialState(cpu=cpu or not torch.cuda.is_available())
+        launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if launched != self._state.num_processes:
+            raise RuntimeError(
+                f"launched {launched} processes but the process group has {self._state.num_processes}: "
+                "check the accelerate config (distributed_type) and that every rank can reach the main process"
+            )
         self.rank = self._state.process_index
         self.local_rank = self._state.local_process_index
         self.world_size = self._state.num_processes

@@ -22,11 +22,11 @@ import timm
 import torch
 from torch import nn
 
+from dpmix_dist.errors import ModelError
+
 PYPI_EFFICIENTNET_LITE0 = "pypi:efficientnet_lite0"
 
 
-class ModelError(RuntimeError):
-    """A model problem; the message names the setting and the fix."""
 
 
 # ---------------------------------------------------------------------------------------------- creation

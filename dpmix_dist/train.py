@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from dpmix_dist.data.shards import load_split, read_metadata
 from dpmix_dist.data.store import ExampleStore
 from dpmix_dist.data.transforms import to_model_input
 from dpmix_dist.distributed import Distributed
-from dpmix_dist.models import build_dp_model
+from dpmix_dist.models import build_dp_model, check_model_name
 from dpmix_dist.privacy import accounting
 from dpmix_dist.privacy.clipping import per_example_grads
 from dpmix_dist.privacy.mechanism import PrivateGradient
@@ -75,6 +76,34 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived: the step in flight finished, a checkpoint was written, --resume continues."""
+
+    def __init__(self, step: int, total: int) -> None:
+        super().__init__(f"stopped after step {step}/{total}")
+        self.step = step
+
+
+class _StopRequest:
+    """Turns SIGINT/SIGTERM into a flag checked between steps (a step is never cut in half)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __enter__(self) -> "_StopRequest":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 class Trainer:
     """One private fine-tuning run. Build with everything checked, then `train()`."""
 
@@ -90,6 +119,7 @@ class Trainer:
         self.num_train = self.metadata["splits"]["train"]["num_examples"]
         self.num_test = self.metadata["splits"]["test"]["num_examples"]
         check_against_dataset(config, self.num_train)
+        check_model_name(config.model.name)  # before σ calibration, which takes seconds
         self.guarantee = plan_guarantee(config, self.num_train)
 
         # --- model
@@ -199,22 +229,25 @@ class Trainer:
         steps_per_epoch = 1.0 / g.sample_rate
         eval_every = max(1, round(run.eval_every_epochs * steps_per_epoch))
         ckpt_every = max(1, round(run.checkpoint_every_epochs * steps_per_epoch))
-        show_every = max(1, round(steps_per_epoch / 10))
+        stop = _StopRequest()
         bar = tqdm(total=g.steps, initial=self.step, desc="DP training", unit="step", disable=not (self.dist.is_main and run.progress_bar))
         start, epsilon, accuracy = time.time(), g.epsilon(self.step), float("nan")
-        while self.step < g.steps:
-            loss = self.train_step(train_store)
-            if self.step % show_every == 0 or self.step == g.steps:
-                epsilon = g.epsilon(self.step)
-                self.dist.check_identical(torch.cat([p.detach().flatten() for p in self.params.values()]), "parameters")
-            if self.step % eval_every == 0 or self.step == g.steps:
-                accuracy = self.evaluate(test_store)
-                self.history.append({"step": self.step, "epsilon": g.epsilon(self.step), "test_accuracy": accuracy})
-                bar.write(f"step {self.step}/{g.steps}  ε={self.history[-1]['epsilon']:.3f}  test accuracy {accuracy:.4f}")
-            if self.step % ckpt_every == 0 and self.step < g.steps:
-                self._save_checkpoint()
-            bar.set_postfix(loss=f"{loss:.3f}", eps=f"{epsilon:.2f}/{self.config.privacy.target_epsilon:g}")
-            bar.update(1)
+        with stop:
+            while self.step < g.steps:
+                loss = self.train_step(train_store)
+                if self.step % eval_every == 0 or self.step == g.steps:
+                    self.dist.check_identical(torch.cat([p.detach().flatten() for p in self.params.values()]), "parameters")
+                    epsilon, accuracy = g.epsilon(self.step), self.evaluate(test_store)
+                    self.history.append({"step": self.step, "epsilon": epsilon, "test_accuracy": accuracy})
+                    bar.write(f"step {self.step}/{g.steps}  ε={epsilon:.3f}  test accuracy {accuracy:.4f}")
+                if self.step % ckpt_every == 0 and self.step < g.steps:
+                    self._save_checkpoint()
+                bar.set_postfix(loss=f"{loss:.3f}", eps=f"{epsilon:.2f}/{self.config.privacy.target_epsilon:g}")
+                bar.update(1)
+                if self.dist.any_rank(stop.requested) and self.step < g.steps:  # every rank stops at the same step
+                    self._save_checkpoint()
+                    bar.close()
+                    raise Interrupted(self.step, g.steps)
         bar.close()
         return self._finish(accuracy, time.time() - start)
 

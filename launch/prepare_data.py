@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace --out once the new shards are complete")
     args = parser.parse_args(argv)
     try:
+        if args.image_size is not None and (args.dataset != "imagefolder" or args.image_size < 1):
+            raise DataError("--image-size N (N >= 1) applies to imagefolder only; the other data sets keep their size")
         if args.out.exists() and not args.overwrite:
             raise DataError(f"{args.out} already exists; pass --overwrite to replace it")
         if args.dataset == "fashion_mnist":
