@@ -61,6 +61,8 @@ def run_finetune(args: argparse.Namespace) -> int:
 
     try:
         trainer = Trainer(config, dist, output_dir, secret_seed)
+        if args.resume:
+            trainer.resume()
     except USER_ERRORS as exc:
         dist.close()
         return fail(str(exc))
@@ -77,7 +79,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         )
     started = time.time()
     try:
-        summary = trainer.train(resume=args.resume)
+        summary = trainer.train()
     except Interrupted as stopped:
         if dist.is_main:
             print(f"interrupted: {stopped}; checkpoint written. Continue with the same command plus "

@@ -156,6 +156,8 @@ class PerformanceConfig:
     cache_frozen_features: bool = True
     """Run the frozen part of the backbone once per image and keep its output, when no augmentation
     makes the frozen input change between steps. Identical gradients, far less compute."""
+    feature_cache_max_gb: float = 16.0
+    """Refuse to cache frozen features larger than this per process (set cache_frozen_features=false)."""
     num_threads: int = 0
     """torch intra-op threads per process; 0 = leave torch's default (all cores / OMP_NUM_THREADS)."""
 
@@ -164,6 +166,8 @@ class PerformanceConfig:
             _fail("performance.micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
         if self.eval_batch_size < 1:
             _fail("performance.eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
+        if not self.feature_cache_max_gb > 0:
+            _fail("performance.feature_cache_max_gb", f"must be > 0, got {self.feature_cache_max_gb}")
         if self.num_threads < 0:
             _fail("performance.num_threads", f"must be >= 0, got {self.num_threads}")
 

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch.func import functional_call
 from tqdm import tqdm
 
-from dpmix_dist.config import Config, check_against_dataset, dump_config
+from dpmix_dist.config import Config, ConfigError, check_against_dataset, config_to_dict
 from dpmix_dist.data.shards import load_split, read_metadata
 from dpmix_dist.data.store import ExampleStore
 from dpmix_dist.data.transforms import to_model_input
@@ -170,7 +170,17 @@ class Trainer:
         with self.dist.local_main_first():  # the node's first process decodes the shards; the others reuse it
             data = load_split(self.config.data.root, split, self.config.data.cache_dir)
         owned = owned_indices(len(data), self.dist.rank, self.dist.world_size)
-        caching = self.config.performance.cache_frozen_features and self.config.augment.method == "dpsgd"
+        perf = self.config.performance
+        caching = perf.cache_frozen_features and self.config.augment.method == "dpsgd"
+        if caching and len(owned):
+            with torch.no_grad():
+                per_example = self.dp_model.split.prefix(self._to_input(data.images[:1])).numel() * 4
+            if per_example * len(owned) > perf.feature_cache_max_gb * 2**30:
+                raise ConfigError(
+                    f"performance.cache_frozen_features: the {split} features need "
+                    f"{per_example * len(owned) / 2**30:.1f} GiB per process (> feature_cache_max_gb="
+                    f"{perf.feature_cache_max_gb:g}); set performance.cache_frozen_features=false or train fewer blocks"
+                )
         bar = tqdm(total=len(owned), desc=desc, unit="img", disable=not (self.dist.is_main and caching and self.config.run.progress_bar))
         store = ExampleStore(
             data, owned, self._to_input, self.dp_model.split.prefix, cache_features=caching,
@@ -221,10 +231,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ the run
 
-    def train(self, resume: bool = False) -> dict:
+    def train(self) -> dict:
+        """Run the remaining steps (all of them, unless `resume()` loaded a checkpoint)."""
         g, run = self.guarantee, self.config.run
-        if resume:
-            self._load_checkpoint()
         train_store, test_store = self.train_store, self.test_store
         steps_per_epoch = 1.0 / g.sample_rate
         eval_every = max(1, round(run.eval_every_epochs * steps_per_epoch))
@@ -267,6 +276,7 @@ class Trainer:
             "expected_batch_size": g.expected_batch_size,
             "max_grad_norm": g.max_grad_norm,
             "world_size": self.dist.world_size,
+            "device": self.dist.device.type,
             "method": self.config.augment.method,
             "num_views": self.config.augment.num_views,
             "model": self.config.model.name,
@@ -293,7 +303,7 @@ class Trainer:
         state = {
             "step": self.step,
             "secret_seed": self._secret_seed,
-            "config": dump_config(self.config),
+            "config": _mechanism_sections(self.config),
             "model": {name: p.detach().cpu() for name, p in self.params.items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -307,13 +317,18 @@ class Trainer:
 
         _atomic_write(self.output_dir / CHECKPOINT, write)
 
-    def _load_checkpoint(self) -> None:
+    def resume(self) -> None:
+        """Continue from `checkpoint.pt` in the output folder (same guarantee and training settings required)."""
         path = self.output_dir / CHECKPOINT
         if not path.is_file():
             raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {self.output_dir}; nothing to resume")
-        state = torch.load(path, map_location=self.dist.device, weights_only=False)
-        if state["config"] != dump_config(self.config):
-            raise ValueError(f"--resume: {path} was written with a different config; resume with the same one")
+        state = torch.load(path, map_location="cpu", weights_only=False)  # optimizer.load_state_dict moves it
+        if state["config"] != _mechanism_sections(self.config):
+            changed = sorted(k for k, v in _mechanism_sections(self.config).items() if state["config"].get(k) != v)
+            raise ValueError(
+                f"--resume: {path} was written with different {', '.join(changed)} settings; resume with the "
+                "same ones (only run.* and performance.* may change)"
+            )
         if state["secret_seed"] != self._secret_seed:
             raise ValueError("--resume: internal error, the secret seed was not restored from the checkpoint")
         with torch.no_grad():
@@ -323,6 +338,11 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.history = state["step"], state["history"]
         self.mechanism.resume_after(self.step - 1)
+
+
+def _mechanism_sections(config: Config) -> dict:
+    """Everything but `run` and `performance`: what a resumed run must keep (those two may change)."""
+    return {k: v for k, v in config_to_dict(config).items() if k not in ("run", "performance")}
 
 
 def read_checkpoint_seed(output_dir: Path) -> int | None:

@@ -1,0 +1,44 @@
+# Two commands do everything on a fresh machine:
+#   make demo   set up (venv, packages, offline data and weights) and run the offline default job
+#   make test   set up and run the test suite
+# Every pip step goes through constraints.txt (torch and torchvision pinned together).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(VENV)/bin/pip
+FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+DEMO_CONFIG ?= fmnist_effnet_lite0
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test setup data clean help
+help:
+	@echo "make demo   - set up and run the offline default (EfficientNet-Lite0 on Fashion-MNIST, eps=8)"
+	@echo "make test   - set up and run the tests"
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -e '.[offline,test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+$(FMNIST_DIR)/train-images-idx3-ubyte.gz:
+	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist
+
+data/fashion_mnist/metadata.json: | $(FMNIST_DIR)/train-images-idx3-ubyte.gz $(VENV)/.installed
+	$(PY) launch/prepare_data.py fashion_mnist --source $(FMNIST_DIR) --out data/fashion_mnist
+
+data: data/fashion_mnist/metadata.json
+
+demo: setup data
+	HF_HUB_OFFLINE=1 $(VENV)/bin/accelerate launch --config_file configs/accelerate/cpu_1proc.yaml \
+		launch/finetune.py --config $(DEMO_CONFIG)
+
+test: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) data runs .cache
