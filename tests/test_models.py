@@ -110,3 +110,9 @@ def test_weights_from_a_local_file(tmp_path):
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
     loaded = create_backbone("test_efficientnet", str(path), num_classes=10)
     assert torch.equal(loaded.conv_stem.weight, source.conv_stem.weight)
+
+
+def test_hub_weights_offline_fail_with_the_fix(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="model.weights=hub: could not fetch pretrained test_efficientnet.*model.weights=/path"):
+        create_backbone("test_efficientnet", "hub", num_classes=10)
