@@ -1,0 +1,69 @@
+"""The examples one rank holds, served as inputs to the trainable tail (frozen prefix applied, maybe cached)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from dpmix_dist.data.shards import Split
+
+Prefix = Callable[[torch.Tensor], torch.Tensor]
+ToInput = Callable[..., torch.Tensor]
+
+
+class ExampleStore:
+    """Random access, by global index, to the examples this rank owns.
+
+    Args:
+        split: the decoded split (memmap).
+        owned: sorted global indices this rank holds.
+        to_input: uint8 images -> normalized model input.
+        prefix: the frozen part of the model.
+        cache_features: run `prefix` once per example now and keep the result (exact when nothing random
+            happens before the prefix, i.e. no augmentation).
+        batch_size: examples per prefix call while caching.
+    """
+
+    def __init__(
+        self,
+        split: Split,
+        owned: torch.Tensor,
+        to_input: ToInput,
+        prefix: Prefix,
+        *,
+        cache_features: bool,
+        batch_size: int,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        self.split = split
+        self.owned = owned
+        self._to_input = to_input
+        self._prefix = prefix
+        self._labels = torch.from_numpy(split.labels)
+        self._cache: torch.Tensor | None = None
+        if cache_features:
+            chunks = [self._compute(chunk, progress) for chunk in owned.split(batch_size)]
+            self._cache = torch.cat(chunks) if chunks else None
+
+    def __len__(self) -> int:
+        return len(self.owned)
+
+    @torch.no_grad()
+    def _compute(self, global_indices: torch.Tensor, progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        out = self._prefix(self._to_input(self.split.images[global_indices.numpy()]))
+        if progress is not None:
+            progress(len(global_indices))
+        return out
+
+    def features(self, global_indices: torch.Tensor) -> torch.Tensor:
+        """Prefix output for these (owned) examples, in the given order."""
+        if self._cache is None:
+            return self._compute(global_indices)
+        positions = torch.searchsorted(self.owned, global_indices)
+        if not torch.equal(self.owned[positions], global_indices):
+            raise IndexError("asked for an example this rank does not own")
+        return self._cache[positions.to(self._cache.device)]
+
+    def labels(self, global_indices: torch.Tensor) -> torch.Tensor:
+        return self._labels[global_indices]
