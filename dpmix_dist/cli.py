@@ -35,7 +35,10 @@ def _check_output_dir(output_dir: Path, resume: bool) -> None:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
+    started = time.time()
     try:
+        if args.resume and args.seed is not None:
+            raise ValueError("--seed with --resume: a resumed run keeps the seed stored in its checkpoint; drop --seed")
         config = load_config(args.config, args.overrides)
         _check_output_dir(args.output_dir, args.resume)
     except USER_ERRORS as exc:
@@ -77,7 +80,6 @@ def run_finetune(args: argparse.Namespace) -> int:
             f"{sum(p.numel() for p in trainer.params.values()):,} trainable parameters",
             flush=True,
         )
-    started = time.time()
     try:
         summary = trainer.train()
     except Interrupted as stopped:
@@ -89,7 +91,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     if dist.is_main:
         short = {k: v for k, v in summary.items() if k != "history"}
         print(json.dumps(short, indent=2))
-        print(f"done in {time.time() - started:.0f} s: test accuracy {summary['test_accuracy']:.4f} at "
+        print(f"done in {time.time() - started:.0f} s (data, model and features included): test accuracy {summary['test_accuracy']:.4f} at "
               f"ε={summary['epsilon']:.3f}, δ={summary['delta']:g}; outputs in {output_dir}")
     dist.close()
     return 0

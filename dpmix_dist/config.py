@@ -152,6 +152,10 @@ class PerformanceConfig:
 
     micro_batch_size: int = 256
     """Examples whose per-example gradients are held at once (gradient accumulation inside a step)."""
+    engine: Literal["auto", "layerwise", "functorch"] = "auto"
+    """Per-example clipping engine. `layerwise`: ghost norms + book-keeping, one backward, for models whose
+    trainable parameters sit in Linear/Conv2d/LayerNorm/GroupNorm/LayerScale; `functorch`: generic vmap of
+    per-group gradients; `auto`: layerwise where it applies, else functorch. Both are exact."""
     eval_batch_size: int = 500
     cache_frozen_features: bool = True
     """Run the frozen part of the backbone once per image and keep its output, when no augmentation

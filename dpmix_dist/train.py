@@ -29,6 +29,7 @@ from dpmix_dist.distributed import Distributed
 from dpmix_dist.models import build_dp_model, check_model_name
 from dpmix_dist.privacy import accounting
 from dpmix_dist.privacy.clipping import per_example_grads
+from dpmix_dist.privacy.layerwise import LayerwiseClipper, UnsupportedLayer
 from dpmix_dist.privacy.mechanism import PrivateGradient
 from dpmix_dist.privacy.sampling import owned_indices, sample_local
 
@@ -155,6 +156,7 @@ class Trainer:
             all_reduce_sum=dist.all_reduce_sum,
             device=dist.device,
         )
+        self.engine = self._choose_engine(config.performance.engine)
         self.step = 0
         self.history: list[dict] = []
         # Decoding shards and caching features happen here, so a corrupt shard fails before any output is written.
@@ -191,6 +193,17 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ steps
 
+    def _choose_engine(self, name: str) -> LayerwiseClipper | None:
+        """The layer-wise engine where it applies (None = the generic torch.func engine)."""
+        if name == "functorch":
+            return None
+        try:
+            return LayerwiseClipper(self.dp_model.tail_module, self.params)
+        except UnsupportedLayer as exc:
+            if name == "layerwise":
+                raise ConfigError(f"performance.engine=layerwise: {exc}; use auto or functorch") from None
+            return None
+
     def _forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.dp_model.tail_module, params, (x,))
 
@@ -206,8 +219,12 @@ class Trainer:
         for chunk in sampled.split(self.config.performance.micro_batch_size):
             inputs = store.features(chunk).unsqueeze(1)  # (b, K=1, ...): one group per example
             targets = store.labels(chunk).to(self.dist.device).unsqueeze(1)
-            grads, losses = per_example_grads(self._forward, detached, inputs, targets)
-            self.mechanism.accumulate(grads)
+            if self.engine is not None:
+                summed, losses = self.engine.clipped_sum(inputs, targets, self.guarantee.max_grad_norm)
+                self.mechanism.accumulate_clipped_sum(summed)
+            else:
+                grads, losses = per_example_grads(self._forward, detached, inputs, targets)
+                self.mechanism.accumulate(grads)
             loss_sum += float(losses.sum())
         flat = self.mechanism.finish_step()
         for name, grad in self.mechanism.unflatten(flat).items():

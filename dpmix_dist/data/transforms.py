@@ -15,7 +15,7 @@ def to_model_input(
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Scale to [0, 1], grey -> RGB, resize (bilinear, antialiased) to `image_size`, normalize."""
-    x = torch.as_tensor(np.asarray(images)).to(device)
+    x = torch.from_numpy(np.require(images, requirements=["W"])).to(device)  # a read-only memmap view is copied
     x = x.permute(0, 3, 1, 2).float().div_(255.0)
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)

@@ -1,0 +1,256 @@
+"""Per-group clipped gradient sums from one forward and one backward, layer by layer (ghost norm + book-keeping).
+
+For each trainable layer the forward keeps its input A and the backward gives the gradient B of the loss with
+respect to its output; no parameter gradient is formed by autograd. A group's gradient for a Linear layer is
+Σ_t B_t A_tᵀ over the group's tokens t (its K views' tokens joined), so per layer we either
+
+- form it (*direct*: b × d_out × d_in numbers), or
+- get only its squared norm, Σ_{s,t} (A_s·A_t)(B_s·B_t) (*ghost norm*: b × (K·T)² numbers),
+
+whichever costs fewer multiply-adds, then sum the norms over layers (flat clipping), take the clip factors
+c_i = min(1, C/‖g_i‖), and form the clipped sum Σ_i c_i g_i directly from the kept A and B (*book-keeping*: no
+second backward). Conv2d is a Linear over unfolded patches; LayerNorm / GroupNorm / LayerScale have
+closed forms. Layers of any other kind with trainable parameters are refused (`UnsupportedLayer`): the caller
+then uses the generic engine in `clipping.py`.
+
+Imports torch only. Exactness is tested against the naive per-group loop for every trainable parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dpmix_dist.privacy.clipping import clip_factors, group_loss
+
+
+class UnsupportedLayer(TypeError):
+    """A module owns trainable parameters this engine has no closed form for."""
+
+
+def _layer_scale_types() -> tuple[type, ...]:
+    try:
+        from timm.layers import LayerScale, LayerScale2d
+    except ImportError:  # timm absent: no LayerScale to support
+        return ()
+    return (LayerScale, LayerScale2d)
+
+
+@dataclass
+class _Captured:
+    module: nn.Module
+    names: dict[str, str]  # attribute ("weight", "bias", "gamma") -> full parameter name
+    inputs: torch.Tensor | None = None
+    grad_out: torch.Tensor | None = None
+    per_group: dict[str, torch.Tensor] = field(default_factory=dict)  # direct per-group gradients
+    ghost: bool = False
+
+
+def _tokens(x: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """(b·K, ..., d) -> (b, K·T, d): the group's views' tokens joined on one axis."""
+    return x.reshape(num_groups, -1, x.shape[-1])
+
+
+class LayerwiseClipper:
+    """Clipped per-group gradient sums for the trainable parameters of `module`.
+
+    Args:
+        module: maps a batch of inputs (n, ...) to logits (n, classes); all its trainable parameters must sit in
+            Linear, Conv2d, LayerNorm, GroupNorm or timm LayerScale modules.
+        params: name -> trainable parameter (names as in `module.named_parameters()`).
+    """
+
+    def __init__(self, module: nn.Module, params: dict[str, nn.Parameter]) -> None:
+        self.module = module
+        self.params = params
+        by_id = {id(p): name for name, p in params.items()}
+        self._layers: list[_Captured] = []
+        covered: set[str] = set()
+        layer_scale = _layer_scale_types()
+        for sub in module.modules():
+            own = {attr: by_id[id(p)] for attr, p in sub.named_parameters(recurse=False) if id(p) in by_id}
+            if not own:
+                continue
+            supported = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GroupNorm, *layer_scale)
+            if not isinstance(sub, supported):
+                raise UnsupportedLayer(f"{type(sub).__name__} owns trainable {', '.join(own.values())}")
+            if isinstance(sub, nn.Conv2d) and (sub.padding_mode != "zeros" or isinstance(sub.padding, str)):
+                raise UnsupportedLayer(f"Conv2d with padding {sub.padding!r}/{sub.padding_mode} ({', '.join(own.values())})")
+            self._layers.append(_Captured(sub, own))
+            covered |= set(own.values())
+        missing = set(params) - covered
+        if missing:
+            raise UnsupportedLayer(f"parameters outside supported layers: {', '.join(sorted(missing))}")
+
+    # ---------------------------------------------------------------------------------------- capture
+
+    def _forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        num_groups, num_views = inputs.shape[:2]
+        handles = []
+
+        def forward_hook(layer: _Captured) -> Callable:
+            def hook(mod, args, output):
+                if layer.inputs is not None:
+                    raise UnsupportedLayer(f"{type(mod).__name__} runs twice in one forward (shared weights)")
+                layer.inputs = args[0].detach()
+
+                def keep_grad(grad):
+                    layer.grad_out = grad.detach()
+
+                output.register_hook(keep_grad)
+
+            return hook
+
+        for layer in self._layers:
+            handles.append(layer.module.register_forward_hook(forward_hook(layer)))
+        flags = {name: p.requires_grad for name, p in self.params.items()}
+        try:
+            # Autograd forms no parameter gradient: it only carries B back through the activations.
+            for p in self.params.values():
+                p.requires_grad_(False)
+            x = inputs.flatten(0, 1).detach().requires_grad_(True)
+            logits = self.module(x)
+            # class ids (b, K) or soft labels (b, K, classes): one loss per member, then the group's mean
+            per_view = F.cross_entropy(logits.float(), targets.flatten(0, 1), reduction="none")
+            losses = per_view.view(num_groups, num_views).mean(1)  # the group's mean loss
+            losses.sum().backward()
+        finally:
+            for h in handles:
+                h.remove()
+            for name, p in self.params.items():
+                p.requires_grad_(flags[name])
+        return losses.detach()
+
+    # ---------------------------------------------------------------------------------------- per layer
+
+    def _linear_like(self, layer: _Captured, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """a (n, T, d_in), b (n, T, d_out) per group: squared norms (n,), keeping what the clipped sum needs."""
+        n, t, d_in = a.shape
+        d_out = b.shape[-1]
+        sq = torch.zeros(n, device=a.device, dtype=torch.float32)
+        has_weight = "weight" in layer.names
+        layer.ghost = has_weight and t * t * (d_in + d_out) < t * d_in * d_out
+        if has_weight:
+            if layer.ghost:
+                aa = torch.bmm(a, a.transpose(1, 2))
+                bb = torch.bmm(b, b.transpose(1, 2))
+                sq += (aa * bb).sum((1, 2)).float()
+            else:
+                g = torch.bmm(b.transpose(1, 2), a)  # (n, d_out, d_in)
+                layer.per_group["weight"] = g
+                sq += g.float().pow(2).sum((1, 2))
+        if "bias" in layer.names:
+            gb = b.sum(1)
+            layer.per_group["bias"] = gb
+            sq += gb.float().pow(2).sum(1)
+        layer.inputs, layer.grad_out = a, b
+        return sq
+
+    def _norms_sq(self, layer: _Captured, num_groups: int) -> torch.Tensor:
+        mod, x, gy = layer.module, layer.inputs, layer.grad_out
+        if isinstance(mod, nn.Linear):
+            return self._linear_like(layer, _tokens(x, num_groups), _tokens(gy, num_groups))
+        if isinstance(mod, nn.Conv2d):
+            return self._conv(layer, num_groups)
+        if isinstance(mod, (nn.LayerNorm, nn.GroupNorm)):
+            if isinstance(mod, nn.LayerNorm):
+                if type(mod).__name__ == "LayerNorm2d":  # timm: normalizes the channel axis of (n, C, H, W)
+                    x, gy = x.permute(0, 2, 3, 1), gy.permute(0, 2, 3, 1)
+                xhat = F.layer_norm(x, mod.normalized_shape, eps=mod.eps)
+                xhat, gy = xhat.reshape(num_groups, -1, xhat.shape[-1]), gy.reshape(num_groups, -1, gy.shape[-1])
+            else:
+                xhat = F.group_norm(x, mod.num_groups, eps=mod.eps)  # (n·K, C, H, W) -> channels on axis 1
+                c = xhat.shape[1]
+                xhat = xhat.reshape(num_groups, -1, c, xhat[0, 0].numel()).transpose(2, 3).reshape(num_groups, -1, c)
+                gy = gy.reshape(num_groups, -1, c, gy[0, 0].numel()).transpose(2, 3).reshape(num_groups, -1, c)
+            return self._elementwise(layer, {"weight": (xhat * gy).sum(1), "bias": gy.sum(1)})
+        # LayerScale: out = x * gamma, gamma over the channel axis (last for LayerScale, 1 for LayerScale2d)
+        if type(mod).__name__ == "LayerScale2d":
+            prod = (x * gy).reshape(num_groups, -1, x.shape[1], x[0, 0].numel()).sum((1, 3))
+        else:
+            prod = (x * gy).reshape(num_groups, -1, x.shape[-1]).sum(1)
+        return self._elementwise(layer, {"gamma": prod})
+
+    def _elementwise(self, layer: _Captured, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+        sq = 0
+        for attr in layer.names:
+            layer.per_group[attr] = grads[attr]
+            sq = sq + grads[attr].float().pow(2).flatten(1).sum(1)
+        layer.inputs = layer.grad_out = None
+        return sq
+
+    def _conv(self, layer: _Captured, num_groups: int) -> torch.Tensor:
+        mod, x, gy = layer.module, layer.inputs, layer.grad_out
+        if type(mod).__name__ == "Conv2dSame":  # timm's TF-style 'same' conv pads inside forward, asymmetrically
+            from timm.layers.padding import pad_same
+
+            x = pad_same(x, mod.kernel_size, mod.stride, mod.dilation)
+        cols = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
+        n_views, _, length = cols.shape
+        gy = gy.reshape(n_views, mod.out_channels, -1)  # (n·K, C_out, L)
+        if mod.groups == 1:
+            a = cols.transpose(1, 2).reshape(num_groups, -1, cols.shape[1])  # (n, K·L, C_in·k·k)
+            b = gy.transpose(1, 2).reshape(num_groups, -1, mod.out_channels)
+            return self._linear_like(layer, a, b)
+        # Grouped (e.g. depthwise) conv: per-group gradients are small, form them directly.
+        g = mod.groups
+        a = cols.reshape(n_views, g, -1, length)  # (nK, g, C_in/g·k·k, L)
+        b = gy.reshape(n_views, g, -1, length)  # (nK, g, C_out/g, L)
+        w = torch.einsum("vgol,vgil->vgoi", b, a).reshape(num_groups, -1, *mod.weight.shape).sum(1)
+        grads = {"weight": w}
+        if "bias" in layer.names:
+            grads["bias"] = gy.sum(2).reshape(num_groups, -1, mod.out_channels).sum(1)
+        return self._elementwise(layer, grads)
+
+    # ---------------------------------------------------------------------------------------- clipped sum
+
+    def _clipped(self, layer: _Captured, factors: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {}
+        for attr, name in layer.names.items():
+            shape = self.params[name].shape
+            if attr == "weight" and layer.ghost:
+                a, b = layer.inputs, layer.grad_out  # (n, T, d_in), (n, T, d_out)
+                scaled = b * factors.view(-1, 1, 1).to(b.dtype)
+                g = torch.einsum("nto,nti->oi", scaled.float(), a.float())
+                out[name] = g.reshape(shape)
+            else:
+                g = layer.per_group[attr]
+                out[name] = torch.einsum("n,n...->...", factors, g.float()).reshape(shape)
+        layer.inputs = layer.grad_out = None
+        layer.per_group = {}
+        return out
+
+    def clipped_sum(
+        self, inputs: torch.Tensor, targets: torch.Tensor, max_grad_norm: float
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Σ_i clip_C(∇ mean loss of group i), in fp32, and the (b,) group losses.
+
+        Args:
+            inputs: (b, K, ...) — b groups of K members.
+            targets: (b, K) class ids or (b, K, classes) soft labels.
+        """
+        num_groups = inputs.shape[0]
+        losses = self._forward_backward(inputs, targets)
+        norms_sq = torch.zeros(num_groups, device=inputs.device, dtype=torch.float32)
+        for layer in self._layers:
+            if layer.grad_out is None:
+                raise RuntimeError(f"{type(layer.module).__name__} got no gradient: is it used in the forward?")
+            norms_sq += self._norms_sq(layer, num_groups)
+        factors = clip_factors(norms_sq.sqrt(), max_grad_norm)
+        summed: dict[str, torch.Tensor] = {}
+        for layer in self._layers:
+            summed.update(self._clipped(layer, factors))
+        return {name: summed[name] for name in self.params}, losses
+
+
+def per_group_norms_reference(module: nn.Module, params: dict[str, nn.Parameter], inputs, targets) -> torch.Tensor:
+    """Naive per-group gradient norms (autograd on each group alone): the reference for tests."""
+    norms = []
+    for x, y in zip(inputs, targets):
+        grads = torch.autograd.grad(group_loss(module(x), y), list(params.values()))
+        norms.append(torch.sqrt(sum(g.pow(2).sum() for g in grads)))
+    return torch.stack(norms)

@@ -1,0 +1,92 @@
+"""The layer-wise engine (ghost norm + book-keeping) equals the naive per-group loop for every trainable parameter."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from dpmix_dist.models import make_dp_model
+from dpmix_dist.privacy.clipping import group_loss
+from dpmix_dist.privacy.layerwise import LayerwiseClipper, UnsupportedLayer
+
+NUM_CLASSES = 5
+
+
+def _model(kind: str):
+    torch.manual_seed(0)
+    if kind == "vit_last":  # LayerNorm, Linear (qkv, proj, mlp), LayerScale, head
+        model = timm.create_model("test_vit", num_classes=NUM_CLASSES, img_size=32, init_values=0.1)
+        return make_dp_model(model, trainable="last_blocks", num_trainable_blocks=2)
+    if kind == "resnet_gn":  # Conv2d, GroupNorm
+        model = timm.create_model("test_resnet", num_classes=NUM_CLASSES)
+        return make_dp_model(model, norm="groupnorm", groupnorm_groups=4, trainable="all")
+    if kind == "efficientnet":  # Conv2d incl. depthwise, frozen BN
+        model = timm.create_model("test_efficientnet", num_classes=NUM_CLASSES)
+        return make_dp_model(model, norm="freeze", trainable="all")
+    if kind == "tf_effnet_lite0_tail":  # Conv2dSame (TF 'same' padding, stride 2), depthwise, frozen BN
+        model = timm.create_model("tf_efficientnet_lite0", num_classes=NUM_CLASSES)
+        return make_dp_model(model, trainable="last_blocks", num_trainable_blocks=5)
+    if kind == "convnext_head":  # LayerNorm2d-free head: norm + Linear
+        model = timm.create_model("test_convnext", num_classes=NUM_CLASSES)
+        return make_dp_model(model, trainable="head")
+    raise ValueError(kind)
+
+
+def _naive(dp, inputs, targets, max_norm):
+    params = dp.trainable_params()
+    grads, norms = [], []
+    for x, y in zip(inputs, targets):
+        g = torch.autograd.grad(group_loss(dp.split.tail(x), y), list(params.values()))
+        grads.append(g)
+        norms.append(torch.sqrt(sum(t.pow(2).sum() for t in g)))
+    norms = torch.stack(norms)
+    factors = torch.clamp(max_norm / (norms + 1e-6), max=1.0)
+    summed = {name: sum(f * g[i] for f, g in zip(factors, grads)) for i, name in enumerate(params)}
+    return summed, norms
+
+
+@pytest.mark.parametrize("kind", ["vit_last", "resnet_gn", "efficientnet", "tf_effnet_lite0_tail", "convnext_head"])
+@pytest.mark.parametrize("num_views", [1, 4])
+def test_layerwise_clipped_sum_matches_naive(kind, num_views):
+    dp = _model(kind)
+    with torch.no_grad():
+        dp.model.get_classifier().weight.normal_(0, 0.5)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        feats = dp.split.prefix(torch.randn(5 * num_views, 3, 32, 32, generator=gen))
+    inputs = feats.view(5, num_views, *feats.shape[1:])
+    targets = torch.randint(0, NUM_CLASSES, (5, num_views), generator=gen)
+    engine = LayerwiseClipper(dp.tail_module, dp.trainable_params())
+    _, norms = _naive(dp, inputs, targets, 1.0)
+    max_norm = float(norms.median())  # some groups clipped, some not
+    expected, _ = _naive(dp, inputs, targets, max_norm)
+    got, losses = engine.clipped_sum(inputs, targets, max_norm)
+    assert list(got) == list(expected)
+    for name in expected:
+        assert torch.allclose(got[name], expected[name], atol=1e-5, rtol=1e-4), name
+        assert expected[name].abs().sum() > 0, name
+    assert not any(p.grad is not None for p in dp.trainable_params().values())  # no autograd parameter grads
+    assert losses.shape == (5,)
+
+
+def test_both_ghost_and_direct_paths_are_exercised():
+    dp = _model("vit_last")
+    engine = LayerwiseClipper(dp.tail_module, dp.trainable_params())
+    with torch.no_grad():
+        feats = dp.split.prefix(torch.randn(2, 3, 32, 32))
+    engine.clipped_sum(feats.view(2, 1, *feats.shape[1:]), torch.zeros(2, 1, dtype=torch.long), 1.0)
+    ghost = {type(layer.module).__name__ for layer in engine._layers if layer.ghost}
+    direct = {type(layer.module).__name__ for layer in engine._layers if not layer.ghost}
+    assert "Linear" in ghost and direct
+
+
+def test_unsupported_layers_are_refused():
+    model = timm.create_model("test_vit", num_classes=NUM_CLASSES, img_size=32)
+    dp = make_dp_model(model, trainable="all")  # cls_token / pos_embed are raw parameters of the root
+    with pytest.raises(UnsupportedLayer, match="cls_token|pos_embed|VisionTransformer"):
+        LayerwiseClipper(dp.tail_module, dp.trainable_params())
+    emb = nn.Embedding(4, 3)
+    with pytest.raises(UnsupportedLayer, match="Embedding"):
+        LayerwiseClipper(emb, dict(emb.named_parameters()))
