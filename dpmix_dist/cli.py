@@ -37,8 +37,6 @@ def _check_output_dir(output_dir: Path, resume: bool) -> None:
 def run_finetune(args: argparse.Namespace) -> int:
     started = time.time()
     try:
-        if args.resume and args.seed is not None:
-            raise ValueError("--seed with --resume: a resumed run keeps the seed stored in its checkpoint; drop --seed")
         config = load_config(args.config, args.overrides)
         _check_output_dir(args.output_dir, args.resume)
     except USER_ERRORS as exc:
@@ -51,15 +49,21 @@ def run_finetune(args: argparse.Namespace) -> int:
 
     dist = Distributed(cpu=args.cpu)
     output_dir = Path(dist.broadcast_object(str(args.output_dir)))  # the main process's choice of default name
-    secret = None
+    secret, error = None, None
     if dist.is_main:
         if args.resume:
             secret = read_checkpoint_seed(output_dir)
+            if args.seed is not None and args.seed != secret:
+                error = "--seed differs from the seed of the run being resumed; drop --seed (the checkpoint keeps it)"
         elif args.seed is not None:
             print(SEED_WARNING, file=sys.stderr)
             secret = args.seed
         else:
             secret = fresh_secret_seed()
+    error = dist.broadcast_object(error)  # a message, never the seed
+    if error:
+        dist.close()
+        return fail(error)
     secret_seed = dist.broadcast_secret(secret)
 
     try:
