@@ -83,10 +83,30 @@ def test_both_ghost_and_direct_paths_are_exercised():
 
 
 def test_unsupported_layers_are_refused():
-    model = timm.create_model("test_vit", num_classes=NUM_CLASSES, img_size=32)
-    dp = make_dp_model(model, trainable="all")  # cls_token / pos_embed are raw parameters of the root
-    with pytest.raises(UnsupportedLayer, match="cls_token|pos_embed|VisionTransformer"):
-        LayerwiseClipper(dp.tail_module, dp.trainable_params())
+    model = timm.create_model("test_vit", num_classes=NUM_CLASSES, img_size=32, dynamic_img_size=True)
+    dp = make_dp_model(model, trainable="all")
+    engine = LayerwiseClipper(dp.tail_module, dp.trainable_params())
+    with pytest.raises(UnsupportedLayer, match="pos_embed made for"):  # 64 px input: resampled pos_embed
+        engine.clipped_sum(torch.randn(2, 1, 3, 64, 64), torch.zeros(2, 1, dtype=torch.long), 1.0)
     emb = nn.Embedding(4, 3)
     with pytest.raises(UnsupportedLayer, match="Embedding"):
         LayerwiseClipper(emb, dict(emb.named_parameters()))
+
+
+@pytest.mark.parametrize("variant", [{}, {"no_embed_class": True, "reg_tokens": 2}])
+@pytest.mark.parametrize("num_views", [1, 3])
+def test_vit_fully_trainable_with_cls_pos_and_reg_tokens(variant, num_views):
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", num_classes=NUM_CLASSES, img_size=32, init_values=0.1, **variant)
+    dp = make_dp_model(model, trainable="all")
+    with torch.no_grad():
+        dp.model.get_classifier().weight.normal_(0, 0.5)
+    assert {"model.cls_token", "model.pos_embed"} <= set(dp.trainable_names)
+    gen = torch.Generator().manual_seed(4)
+    inputs = torch.randn(4, num_views, 3, 32, 32, generator=gen)
+    targets = torch.randint(0, NUM_CLASSES, (4, num_views), generator=gen)
+    engine = LayerwiseClipper(dp.tail_module, dp.trainable_params())
+    expected, _ = _naive(dp, inputs, targets, 0.5)
+    got, _ = engine.clipped_sum(inputs, targets, 0.5)
+    for name in expected:
+        assert torch.allclose(got[name], expected[name], atol=1e-5, rtol=1e-4), name

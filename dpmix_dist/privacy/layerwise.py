@@ -42,8 +42,9 @@ def _layer_scale_types() -> tuple[type, ...]:
 
 @dataclass
 class _Captured:
-    module: nn.Module
-    names: dict[str, str]  # attribute ("weight", "bias", "gamma") -> full parameter name
+    module: nn.Module  # the module whose input/output-gradient is captured
+    names: dict[str, str]  # attribute ("weight", "bias", "gamma", "pos_embed"...) -> full parameter name
+    vit: nn.Module | None = None  # set for a ViT's cls_token / reg_token / pos_embed (captured at pos_drop)
     inputs: torch.Tensor | None = None
     grad_out: torch.Tensor | None = None
     per_group: dict[str, torch.Tensor] = field(default_factory=dict)  # direct per-group gradients
@@ -74,6 +75,11 @@ class LayerwiseClipper:
         for sub in module.modules():
             own = {attr: by_id[id(p)] for attr, p in sub.named_parameters(recurse=False) if id(p) in by_id}
             if not own:
+                continue
+            if type(sub).__name__ == "VisionTransformer" and set(own) <= {"cls_token", "reg_token", "pos_embed"}:
+                # z = cat(cls, reg, patches) + pos_embed feeds pos_drop: ∂L/∂z gives all three per example.
+                self._layers.append(_Captured(sub.pos_drop, own, vit=sub))
+                covered |= set(own.values())
                 continue
             supported = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GroupNorm, *layer_scale)
             if not isinstance(sub, supported):
@@ -152,6 +158,8 @@ class LayerwiseClipper:
 
     def _norms_sq(self, layer: _Captured, num_groups: int) -> torch.Tensor:
         mod, x, gy = layer.module, layer.inputs, layer.grad_out
+        if layer.vit is not None:
+            return self._elementwise(layer, self._vit_embedding_grads(layer.vit, gy, num_groups))
         if isinstance(mod, nn.Linear):
             return self._linear_like(layer, _tokens(x, num_groups), _tokens(gy, num_groups))
         if isinstance(mod, nn.Conv2d):
@@ -174,6 +182,25 @@ class LayerwiseClipper:
         else:
             prod = (x * gy).reshape(num_groups, -1, x.shape[-1]).sum(1)
         return self._elementwise(layer, {"gamma": prod})
+
+    @staticmethod
+    def _vit_embedding_grads(vit: nn.Module, gz: torch.Tensor, num_groups: int) -> dict[str, torch.Tensor]:
+        """Per-group gradients of cls_token / reg_token / pos_embed from ∂L/∂z, z = the embedded sequence."""
+        g = gz.reshape(num_groups, -1, *gz.shape[1:]).sum(1)  # (n, T, D): the group's views summed
+        num_cls = 1 if vit.cls_token is not None else 0
+        num_reg = vit.reg_token.shape[1] if vit.reg_token is not None else 0
+        expected = (vit.pos_embed.shape[1] + (vit.num_prefix_tokens if vit.no_embed_class else 0)
+                    if vit.pos_embed is not None else g.shape[1])
+        if g.shape[1] != expected:  # dynamic_img_size resampled pos_embed: ∂z/∂pos_embed is no longer the identity
+            raise UnsupportedLayer(f"ViT input of {g.shape[1]} tokens, pos_embed made for {expected}: use the built size")
+        grads = {}
+        if num_cls:
+            grads["cls_token"] = g[:, :1]
+        if num_reg:
+            grads["reg_token"] = g[:, num_cls : num_cls + num_reg]
+        if vit.pos_embed is not None:
+            grads["pos_embed"] = g[:, vit.num_prefix_tokens :] if vit.no_embed_class else g
+        return grads
 
     def _elementwise(self, layer: _Captured, grads: dict[str, torch.Tensor]) -> torch.Tensor:
         sq = 0
