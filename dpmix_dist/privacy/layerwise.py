@@ -46,6 +46,7 @@ class _Captured:
     names: dict[str, str]  # attribute ("weight", "bias", "gamma", "pos_embed"...) -> full parameter name
     vit: nn.Module | None = None  # set for a ViT's cls_token / reg_token / pos_embed (captured at pos_drop)
     inputs: torch.Tensor | None = None
+    output: torch.Tensor | None = None  # kept during one forward/backward only
     grad_out: torch.Tensor | None = None
     per_group: dict[str, torch.Tensor] = field(default_factory=dict)  # direct per-group gradients
     ghost: bool = False
@@ -97,38 +98,34 @@ class LayerwiseClipper:
     def _forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         num_groups, num_views = inputs.shape[:2]
         handles = []
+        for layer in self._layers:  # a previous call that raised may have left captures behind
+            layer.inputs = layer.output = layer.grad_out = None
+            layer.per_group = {}
 
         def forward_hook(layer: _Captured) -> Callable:
             def hook(mod, args, output):
                 if layer.inputs is not None:
                     raise UnsupportedLayer(f"{type(mod).__name__} runs twice in one forward (shared weights)")
-                layer.inputs = args[0].detach()
-
-                def keep_grad(grad):
-                    layer.grad_out = grad.detach()
-
-                output.register_hook(keep_grad)
+                layer.inputs, layer.output = args[0].detach(), output
 
             return hook
 
         for layer in self._layers:
             handles.append(layer.module.register_forward_hook(forward_hook(layer)))
-        flags = {name: p.requires_grad for name, p in self.params.items()}
         try:
-            # Autograd forms no parameter gradient: it only carries B back through the activations.
-            for p in self.params.values():
-                p.requires_grad_(False)
-            x = inputs.flatten(0, 1).detach().requires_grad_(True)
-            logits = self.module(x)
-            # class ids (b, K) or soft labels (b, K, classes): one loss per member, then the group's mean
-            per_view = F.cross_entropy(logits.float(), targets.flatten(0, 1), reduction="none")
-            losses = per_view.view(num_groups, num_views).mean(1)  # the group's mean loss
-            losses.sum().backward()
+            logits = self.module(inputs.flatten(0, 1))
         finally:
             for h in handles:
                 h.remove()
-            for name, p in self.params.items():
-                p.requires_grad_(flags[name])
+        # class ids (b, K) or soft labels (b, K, classes): one loss per member, then the group's mean
+        per_view = F.cross_entropy(logits.float(), targets.flatten(0, 1), reduction="none")
+        losses = per_view.view(num_groups, num_views).mean(1)
+        # Gradients with respect to the layers' outputs only: autograd forms no parameter gradient and does
+        # not propagate below the first trainable layer.
+        outputs = [layer.output for layer in self._layers]
+        grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
+        for layer, grad in zip(self._layers, grads):
+            layer.output, layer.grad_out = None, None if grad is None else grad.detach()
         return losses.detach()
 
     # ---------------------------------------------------------------------------------------- per layer

