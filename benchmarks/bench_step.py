@@ -32,7 +32,7 @@ FULL_CASES = {
     "vit_small_224px": dict(name="vit_small_patch16_224", weights="none", size=224, norm="freeze"),
     "resnet50_gn_224px": dict(name="resnet50", weights="none", size=224, norm="groupnorm"),
 }
-BATCH = {1: 32, 16: 4}  # groups per step; K = 16 sees 64 images
+BATCH = {1: 32, 16: 2}  # groups per step; K = 16 sees 32 images
 FULL_BATCH = {1: 8, 16: 1}
 
 
@@ -108,7 +108,8 @@ def worker(case: str, num_views: int, mode: str, batch: int, steps: int) -> dict
     step()  # warm-up
     base = _rss_mb()
     times = []
-    for _ in range(steps):
+    # at least `steps` timed steps, more (up to 10) for fast modes: this 2-core machine is noisy
+    while len(times) < steps or (sum(times) < 2.5 and len(times) < 10):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)

@@ -31,6 +31,12 @@ def _model(kind: str):
     if kind == "convnext_head":  # LayerNorm2d-free head: norm + Linear
         model = timm.create_model("test_convnext", num_classes=NUM_CLASSES)
         return make_dp_model(model, trainable="head")
+    if kind == "convnext_all":  # LayerNorm2d stem/downsample norms, depthwise 7x7, LayerNorm, Linear mlp, raw gamma
+        model = timm.create_model("test_convnext", num_classes=NUM_CLASSES, ls_init_value=0.5)
+        return make_dp_model(model, trainable="all")
+    if kind == "convnext_conv_mlp":  # the conv-mlp variant: 1x1 Conv2d mlp, channels-first
+        model = timm.create_model("test_convnext", num_classes=NUM_CLASSES, ls_init_value=0.5, conv_mlp=True)
+        return make_dp_model(model, trainable="all")
     raise ValueError(kind)
 
 
@@ -47,7 +53,10 @@ def _naive(dp, inputs, targets, max_norm):
     return summed, norms
 
 
-@pytest.mark.parametrize("kind", ["vit_last", "resnet_gn", "efficientnet", "tf_effnet_lite0_tail", "convnext_head"])
+@pytest.mark.parametrize(
+    "kind",
+    ["vit_last", "resnet_gn", "efficientnet", "tf_effnet_lite0_tail", "convnext_head", "convnext_all", "convnext_conv_mlp"],
+)
 @pytest.mark.parametrize("num_views", [1, 4])
 def test_layerwise_clipped_sum_matches_naive(kind, num_views):
     dp = _model(kind)

@@ -45,6 +45,7 @@ class _Captured:
     module: nn.Module  # the module whose input/output-gradient is captured
     names: dict[str, str]  # attribute ("weight", "bias", "gamma", "pos_embed"...) -> full parameter name
     vit: nn.Module | None = None  # set for a ViT's cls_token / reg_token / pos_embed (captured at pos_drop)
+    convnext: nn.Module | None = None  # set for a ConvNeXt block's raw gamma (y at mlp, ∂L/∂(γ·y) at drop_path)
     inputs: torch.Tensor | None = None
     output: torch.Tensor | None = None  # kept during one forward/backward only
     grad_out: torch.Tensor | None = None
@@ -82,6 +83,11 @@ class LayerwiseClipper:
                 self._layers.append(_Captured(sub.pos_drop, own, vit=sub))
                 covered |= set(own.values())
                 continue
+            if type(sub).__name__ == "ConvNeXtBlock" and set(own) == {"gamma"}:
+                # out = drop_path(γ · y) + shortcut, y = the mlp's output: ∂L/∂γ_c = Σ_hw y_c · ∂L/∂(γy)_c
+                self._layers.append(_Captured(sub.drop_path, own, convnext=sub))
+                covered |= set(own.values())
+                continue
             supported = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GroupNorm, *layer_scale)
             if not isinstance(sub, supported):
                 raise UnsupportedLayer(f"{type(sub).__name__} owns trainable {', '.join(own.values())}")
@@ -110,8 +116,24 @@ class LayerwiseClipper:
 
             return hook
 
+        def mlp_hook(layer: _Captured) -> Callable:
+            def hook(mod, args, output):
+                layer.inputs = output.detach()
+
+            return hook
+
+        def output_hook(layer: _Captured) -> Callable:
+            def hook(mod, args, output):
+                layer.output = output
+
+            return hook
+
         for layer in self._layers:
-            handles.append(layer.module.register_forward_hook(forward_hook(layer)))
+            if layer.convnext is not None:
+                handles.append(layer.convnext.mlp.register_forward_hook(mlp_hook(layer)))
+                handles.append(layer.module.register_forward_hook(output_hook(layer)))
+            else:
+                handles.append(layer.module.register_forward_hook(forward_hook(layer)))
         try:
             logits = self.module(inputs.flatten(0, 1))
         finally:
@@ -157,6 +179,10 @@ class LayerwiseClipper:
         mod, x, gy = layer.module, layer.inputs, layer.grad_out
         if layer.vit is not None:
             return self._elementwise(layer, self._vit_embedding_grads(layer.vit, gy, num_groups))
+        if layer.convnext is not None:
+            y = x if layer.convnext.use_conv_mlp else x.permute(0, 3, 1, 2)  # the mlp ran channels-last
+            prod = (y * gy).reshape(num_groups, -1, gy.shape[1], gy[0, 0].numel()).sum((1, 3))
+            return self._elementwise(layer, {"gamma": prod})
         if isinstance(mod, nn.Linear):
             return self._linear_like(layer, _tokens(x, num_groups), _tokens(gy, num_groups))
         if isinstance(mod, nn.Conv2d):
