@@ -160,6 +160,9 @@ class PerformanceConfig:
     cache_frozen_features: bool = True
     """Run the frozen part of the backbone once per image and keep its output, when no augmentation
     makes the frozen input change between steps. Identical gradients, far less compute."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """`bf16`: forward/backward under bf16 autocast (GPUs); per-example norms, clipping, sums and noise stay fp32.
+    Unlike the other settings here, bf16 changes results beyond fp32 rounding (never the guarantee)."""
     feature_cache_max_gb: float = 16.0
     """Refuse to cache frozen features larger than this per process (set cache_frozen_features=false)."""
     num_threads: int = 0

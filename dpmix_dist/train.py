@@ -157,6 +157,9 @@ class Trainer:
             device=dist.device,
         )
         self.engine = self._choose_engine(config.performance.engine)
+        self._autocast = torch.bfloat16 if config.performance.precision == "bf16" else None
+        if self._autocast is not None and self.engine is None:
+            raise ConfigError("performance.precision=bf16 needs the layer-wise engine (performance.engine=auto/layerwise)")
         self.step = 0
         self.history: list[dict] = []
         # Decoding shards and caching features happen here, so a corrupt shard fails before any output is written.
@@ -220,7 +223,7 @@ class Trainer:
             inputs = store.features(chunk).unsqueeze(1)  # (b, K=1, ...): one group per example
             targets = store.labels(chunk).to(self.dist.device).unsqueeze(1)
             if self.engine is not None:
-                summed, losses = self.engine.clipped_sum(inputs, targets, self.guarantee.max_grad_norm)
+                summed, losses = self.engine.clipped_sum(inputs, targets, self.guarantee.max_grad_norm, self._autocast)
                 self.mechanism.accumulate_clipped_sum(summed)
             else:
                 grads, losses = per_example_grads(self._forward, detached, inputs, targets)

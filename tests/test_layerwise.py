@@ -119,3 +119,20 @@ def test_vit_fully_trainable_with_cls_pos_and_reg_tokens(variant, num_views):
     got, _ = engine.clipped_sum(inputs, targets, 0.5)
     for name in expected:
         assert torch.allclose(got[name], expected[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_bf16_autocast_keeps_fp32_sums_close_to_fp32():
+    dp = _model("efficientnet")
+    with torch.no_grad():
+        dp.model.get_classifier().weight.normal_(0, 0.5)
+    gen = torch.Generator().manual_seed(5)
+    inputs = torch.randn(6, 2, 3, 32, 32, generator=gen)
+    targets = torch.randint(0, NUM_CLASSES, (6, 2), generator=gen)
+    engine = LayerwiseClipper(dp.tail_module, dp.trainable_params())
+    full, _ = engine.clipped_sum(inputs, targets, 0.5)
+    half, _ = engine.clipped_sum(inputs, targets, 0.5, autocast_dtype=torch.bfloat16)
+    total_full = torch.cat([v.flatten() for v in full.values()])
+    total_half = torch.cat([v.flatten() for v in half.values()])
+    assert all(v.dtype == torch.float32 for v in half.values())
+    assert not torch.equal(total_full, total_half)  # bf16 really ran
+    assert (total_half - total_full).norm() / total_full.norm() < 0.05

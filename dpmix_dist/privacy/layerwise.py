@@ -176,7 +176,10 @@ class LayerwiseClipper:
         return sq
 
     def _norms_sq(self, layer: _Captured, num_groups: int) -> torch.Tensor:
-        mod, x, gy = layer.module, layer.inputs, layer.grad_out
+        mod = layer.module
+        x = None if layer.inputs is None else layer.inputs.float()  # bf16 activations: fp32 per-example math
+        gy = layer.grad_out.float()
+        layer.inputs, layer.grad_out = x, gy
         if layer.vit is not None:
             return self._elementwise(layer, self._vit_embedding_grads(layer.vit, gy, num_groups))
         if layer.convnext is not None:
@@ -275,16 +278,24 @@ class LayerwiseClipper:
         return out
 
     def clipped_sum(
-        self, inputs: torch.Tensor, targets: torch.Tensor, max_grad_norm: float
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        max_grad_norm: float,
+        autocast_dtype: torch.dtype | None = None,
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Σ_i clip_C(∇ mean loss of group i), in fp32, and the (b,) group losses.
 
         Args:
             inputs: (b, K, ...) — b groups of K members.
             targets: (b, K) class ids or (b, K, classes) soft labels.
+            max_grad_norm: C.
+            autocast_dtype: run the forward and backward under autocast (e.g. torch.bfloat16); norms, clip
+                factors and the clipped sum are still computed in fp32.
         """
         num_groups = inputs.shape[0]
-        losses = self._forward_backward(inputs, targets)
+        with torch.autocast(inputs.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            losses = self._forward_backward(inputs, targets)
         norms_sq = torch.zeros(num_groups, device=inputs.device, dtype=torch.float32)
         for layer in self._layers:
             if layer.grad_out is None:
