@@ -32,12 +32,18 @@ class UnsupportedLayer(TypeError):
     """A module owns trainable parameters this engine has no closed form for."""
 
 
-def _layer_scale_types() -> tuple[type, ...]:
-    try:
-        from timm.layers import LayerScale, LayerScale2d
-    except ImportError:  # timm absent: no LayerScale to support
-        return ()
-    return (LayerScale, LayerScale2d)
+# timm modules recognised by class name, so this module needs no timm import: y = x * gamma.
+_LAYER_SCALES = ("LayerScale", "LayerScale2d")
+
+
+def _pad_same(x: torch.Tensor, kernel: tuple, stride: tuple, dilation: tuple) -> torch.Tensor:
+    """TensorFlow 'same' padding (timm's Conv2dSame pads in forward, the extra pixel right/bottom)."""
+    pads = []
+    for size, k, s, d in zip(x.shape[-2:], kernel, stride, dilation):
+        total = max((-(size // -s) - 1) * s + (k - 1) * d + 1 - size, 0)
+        pads.append((total // 2, total - total // 2))
+    (top, bottom), (left, right) = pads
+    return F.pad(x, (left, right, top, bottom))
 
 
 @dataclass
@@ -73,7 +79,6 @@ class LayerwiseClipper:
         by_id = {id(p): name for name, p in params.items()}
         self._layers: list[_Captured] = []
         covered: set[str] = set()
-        layer_scale = _layer_scale_types()
         for sub in module.modules():
             own = {attr: by_id[id(p)] for attr, p in sub.named_parameters(recurse=False) if id(p) in by_id}
             if not own:
@@ -88,8 +93,8 @@ class LayerwiseClipper:
                 self._layers.append(_Captured(sub.drop_path, own, convnext=sub))
                 covered |= set(own.values())
                 continue
-            supported = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GroupNorm, *layer_scale)
-            if not isinstance(sub, supported):
+            supported = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GroupNorm)
+            if not (isinstance(sub, supported) or type(sub).__name__ in _LAYER_SCALES and set(own) == {"gamma"}):
                 raise UnsupportedLayer(f"{type(sub).__name__} owns trainable {', '.join(own.values())}")
             if isinstance(sub, nn.Conv2d) and (sub.padding_mode != "zeros" or isinstance(sub.padding, str)):
                 raise UnsupportedLayer(f"Conv2d with padding {sub.padding!r}/{sub.padding_mode} ({', '.join(own.values())})")
@@ -239,9 +244,7 @@ class LayerwiseClipper:
     def _conv(self, layer: _Captured, num_groups: int) -> torch.Tensor:
         mod, x, gy = layer.module, layer.inputs, layer.grad_out
         if type(mod).__name__ == "Conv2dSame":  # timm's TF-style 'same' conv pads inside forward, asymmetrically
-            from timm.layers.padding import pad_same
-
-            x = pad_same(x, mod.kernel_size, mod.stride, mod.dilation)
+            x = _pad_same(x, mod.kernel_size, mod.stride, mod.dilation)
         cols = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
         n_views, _, length = cols.shape
         gy = gy.reshape(n_views, mod.out_channels, -1)  # (n·K, C_out, L)
