@@ -97,13 +97,16 @@ def test_unsupported_layers_are_refused():
     engine = LayerwiseClipper(dp.tail_module, dp.trainable_params())
     with pytest.raises(UnsupportedLayer, match="pos_embed made for"):  # 64 px input: resampled pos_embed
         engine.clipped_sum(torch.randn(2, 1, 3, 64, 64), torch.zeros(2, 1, dtype=torch.long), 1.0)
-    emb = nn.Embedding(4, 3)
+    emb = nn.Embedding(4, 3, scale_grad_by_freq=True)
     with pytest.raises(UnsupportedLayer, match="Embedding"):
         LayerwiseClipper(emb, dict(emb.named_parameters()))
+    bn = nn.BatchNorm1d(3)  # a trainable BatchNorm mixes examples: no per-example gradient exists
+    with pytest.raises(UnsupportedLayer, match="BatchNorm1d"):
+        LayerwiseClipper(bn, dict(bn.named_parameters()))
 
 
 @pytest.mark.parametrize("variant", [{}, {"no_embed_class": True, "reg_tokens": 2}])
-@pytest.mark.parametrize("num_views", [1, 3])
+@pytest.mark.parametrize("num_views", [1, 4])
 def test_vit_fully_trainable_with_cls_pos_and_reg_tokens(variant, num_views):
     torch.manual_seed(0)
     model = timm.create_model("test_vit", num_classes=NUM_CLASSES, img_size=32, init_values=0.1, **variant)
@@ -136,3 +139,38 @@ def test_bf16_autocast_keeps_fp32_sums_close_to_fp32():
     assert all(v.dtype == torch.float32 for v in half.values())
     assert not torch.equal(total_full, total_half)  # bf16 really ran
     assert (total_half - total_full).norm() / total_full.norm() < 0.05
+
+
+class _TokenModel(nn.Module):
+    """Embedding (with a padding row) -> mean over tokens -> LayerNorm -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(12, 6, padding_idx=0)
+        self.norm = nn.LayerNorm(6)
+        self.head = nn.Linear(6, NUM_CLASSES)
+
+    def forward(self, ids):
+        return self.head(self.norm(self.emb(ids).mean(1)))
+
+
+@pytest.mark.parametrize("num_views", [1, 4])
+def test_embedding_matches_naive(num_views):
+    torch.manual_seed(0)
+    model = _TokenModel()
+    params = dict(model.named_parameters())
+    gen = torch.Generator().manual_seed(6)
+    ids = torch.randint(0, 12, (5, num_views, 7), generator=gen)  # repeated ids and padding (0) included
+    targets = torch.randint(0, NUM_CLASSES, (5, num_views), generator=gen)
+    grads, norms = [], []
+    for x, y in zip(ids, targets):
+        g = torch.autograd.grad(group_loss(model(x), y), list(params.values()))
+        grads.append(g)
+        norms.append(torch.sqrt(sum(t.pow(2).sum() for t in g)))
+    max_norm = float(torch.stack(norms).median())
+    factors = [min(1.0, max_norm / (float(n) + 1e-6)) for n in norms]
+    got, _ = LayerwiseClipper(model, params).clipped_sum(ids, targets, max_norm)
+    for i, name in enumerate(params):
+        expected = sum(f * g[i] for f, g in zip(factors, grads))
+        assert torch.allclose(got[name], expected, atol=1e-5, rtol=1e-4), name
+    assert got["emb.weight"][0].abs().sum() == 0  # padding row untouched

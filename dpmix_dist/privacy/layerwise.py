@@ -93,7 +93,9 @@ class LayerwiseClipper:
                 self._layers.append(_Captured(sub.drop_path, own, convnext=sub))
                 covered |= set(own.values())
                 continue
-            supported = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GroupNorm)
+            if isinstance(sub, nn.Embedding) and (sub.max_norm is not None or sub.scale_grad_by_freq or sub.sparse):
+                raise UnsupportedLayer(f"Embedding with max_norm / scale_grad_by_freq / sparse ({', '.join(own.values())})")
+            supported = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GroupNorm, nn.Embedding)
             if not (isinstance(sub, supported) or type(sub).__name__ in _LAYER_SCALES and set(own) == {"gamma"}):
                 raise UnsupportedLayer(f"{type(sub).__name__} owns trainable {', '.join(own.values())}")
             if isinstance(sub, nn.Conv2d) and (sub.padding_mode != "zeros" or isinstance(sub.padding, str)):
@@ -182,7 +184,9 @@ class LayerwiseClipper:
 
     def _norms_sq(self, layer: _Captured, num_groups: int) -> torch.Tensor:
         mod = layer.module
-        x = None if layer.inputs is None else layer.inputs.float()  # bf16 activations: fp32 per-example math
+        x = layer.inputs
+        if x is not None and x.is_floating_point():
+            x = x.float()  # bf16 activations: fp32 per-example math
         gy = layer.grad_out.float()
         layer.inputs, layer.grad_out = x, gy
         if layer.vit is not None:
@@ -193,6 +197,8 @@ class LayerwiseClipper:
             return self._elementwise(layer, {"gamma": prod})
         if isinstance(mod, nn.Linear):
             return self._linear_like(layer, _tokens(x, num_groups), _tokens(gy, num_groups))
+        if isinstance(mod, nn.Embedding):
+            return self._embedding(layer, num_groups)
         if isinstance(mod, nn.Conv2d):
             return self._conv(layer, num_groups)
         if isinstance(mod, (nn.LayerNorm, nn.GroupNorm)):
@@ -233,6 +239,18 @@ class LayerwiseClipper:
             grads["pos_embed"] = g[:, vit.num_prefix_tokens :] if vit.no_embed_class else g
         return grads
 
+    def _embedding(self, layer: _Captured, num_groups: int) -> torch.Tensor:
+        """Ghost norm of an embedding lookup: ‖G_i‖² = Σ_{s,t} [id_s = id_t] (B_s·B_t) over the group's tokens."""
+        mod = layer.module
+        ids = layer.inputs.reshape(num_groups, -1).long()
+        b = layer.grad_out.reshape(num_groups, ids.shape[1], mod.embedding_dim)
+        if mod.padding_idx is not None:  # the padding row receives no gradient
+            b = b * (ids != mod.padding_idx).unsqueeze(-1)
+        same = ids.unsqueeze(2) == ids.unsqueeze(1)
+        layer.ghost = True
+        layer.inputs, layer.grad_out = ids, b
+        return (torch.bmm(b, b.transpose(1, 2)) * same).sum((1, 2))
+
     def _elementwise(self, layer: _Captured, grads: dict[str, torch.Tensor]) -> torch.Tensor:
         sq = 0
         for attr in layer.names:
@@ -268,7 +286,11 @@ class LayerwiseClipper:
         out = {}
         for attr, name in layer.names.items():
             shape = self.params[name].shape
-            if attr == "weight" and layer.ghost:
+            if attr == "weight" and layer.ghost and isinstance(layer.module, nn.Embedding):
+                ids, b = layer.inputs, layer.grad_out  # (n, T), (n, T, D)
+                scaled = (b * factors.view(-1, 1, 1)).reshape(-1, b.shape[-1])
+                out[name] = torch.zeros(shape, device=b.device).index_add_(0, ids.reshape(-1), scaled)
+            elif attr == "weight" and layer.ghost:
                 a, b = layer.inputs, layer.grad_out  # (n, T, d_in), (n, T, d_out)
                 scaled = b * factors.view(-1, 1, 1).to(b.dtype)
                 g = torch.einsum("nto,nti->oi", scaled.float(), a.float())
