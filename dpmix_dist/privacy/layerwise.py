@@ -9,9 +9,10 @@ respect to its output; no parameter gradient is formed by autograd. A group's gr
 
 whichever costs fewer multiply-adds, then sum the norms over layers (flat clipping), take the clip factors
 c_i = min(1, C/‖g_i‖), and form the clipped sum Σ_i c_i g_i directly from the kept A and B (*book-keeping*: no
-second backward). Conv2d is a Linear over unfolded patches; LayerNorm / GroupNorm / LayerScale have
-closed forms. Layers of any other kind with trainable parameters are refused (`UnsupportedLayer`): the caller
-then uses the generic engine in `clipping.py`.
+second backward). Conv2d is a Linear over unfolded patches; LayerNorm / GroupNorm / LayerScale, an
+Embedding lookup, a ViT's cls/reg tokens and position embedding and a ConvNeXt block's gamma have closed
+forms. Layers of any other kind with trainable parameters are refused (`UnsupportedLayer`): the caller then
+uses the generic engine in `clipping.py`.
 
 Imports torch only. Exactness is tested against the naive per-group loop for every trainable parameter.
 """
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpmix_dist.privacy.clipping import clip_factors, group_loss
+from dpmix_dist.privacy.clipping import clip_factors
 
 
 class UnsupportedLayer(TypeError):
@@ -332,11 +333,3 @@ class LayerwiseClipper:
             summed.update(self._clipped(layer, factors))
         return {name: summed[name] for name in self.params}, losses
 
-
-def per_group_norms_reference(module: nn.Module, params: dict[str, nn.Parameter], inputs, targets) -> torch.Tensor:
-    """Naive per-group gradient norms (autograd on each group alone): the reference for tests."""
-    norms = []
-    for x, y in zip(inputs, targets):
-        grads = torch.autograd.grad(group_loss(module(x), y), list(params.values()))
-        norms.append(torch.sqrt(sum(g.pow(2).sum() for g in grads)))
-    return torch.stack(norms)
