@@ -132,6 +132,7 @@ def run_one(case: str, num_views: int, mode: str, batch: int, steps: int, timeou
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="add vit_small and resnet50 (GroupNorm) at 224 px")
+    parser.add_argument("--cases", default=None, help="comma-separated subset of the cases (default: all selected)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per mode (median reported)")
     parser.add_argument("--timeout", type=int, default=120, help="seconds per mode before it is reported as timeout")
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
@@ -143,6 +144,9 @@ def main() -> int:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     cases = [(c, BATCH) for c in CASES] + ([(c, FULL_BATCH) for c in FULL_CASES] if args.full else [])
+    if args.cases:
+        wanted = args.cases.split(",")
+        cases = [(c, BATCH if c in CASES else FULL_BATCH) for c in wanted]
     results = {}
     print(f"{'case':20} {'K':>3} {'B':>3} {'mode':18} {'s/step':>8} {'peak+MB':>8} {'time×np':>8} {'mem×np':>7}")
     for case, batches in cases:
@@ -159,6 +163,8 @@ def main() -> int:
                 print(f"{case:20} {k:>3} {batch:>3} {mode:18} {r['seconds_per_step']:8.3f} {r['peak_extra_mb']:8.0f} "
                       f"{t_ratio:8.2f} {m_ratio:7.2f}", flush=True)
             results[(case, k)] = row
+    if ("effnet_lite0_32px", 1) not in results:
+        return 0
     row = results[("effnet_lite0_32px", 1)]
     ours, base = row["dpmix_layerwise"], row["nonprivate"]
     opacus = [row[m]["seconds_per_step"] for m in MODES if m.startswith("opacus") and "error" not in row[m]]
