@@ -174,3 +174,30 @@ def test_embedding_matches_naive(num_views):
         expected = sum(f * g[i] for f, g in zip(factors, grads))
         assert torch.allclose(got[name], expected, atol=1e-5, rtol=1e-4), name
     assert got["emb.weight"][0].abs().sum() == 0  # padding row untouched
+
+
+@pytest.mark.parametrize("kind", ["vit_last", "efficientnet"])
+def test_each_example_contributes_alone_and_at_most_c(kind):
+    """Sensitivity in the batched engine: S(all) - S(all but j) == S(j alone), with norm <= C, for every j."""
+    dp = _model(kind)
+    with torch.no_grad():
+        dp.model.get_classifier().weight.normal_(0, 0.5)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        feats = dp.split.prefix(torch.randn(6 * 2, 3, 32, 32, generator=gen))
+    inputs = feats.view(6, 2, *feats.shape[1:])
+    targets = torch.randint(0, NUM_CLASSES, (6, 2), generator=gen)
+    engine = LayerwiseClipper(dp.tail_module, dp.trainable_params())
+    c = 0.05  # small: every example is clipped
+
+    def flat(summed):
+        return torch.cat([v.flatten() for v in summed.values()])
+
+    total = flat(engine.clipped_sum(inputs, targets, c)[0])
+    for j in range(6):
+        keep = [i for i in range(6) if i != j]
+        without = flat(engine.clipped_sum(inputs[keep], targets[keep], c)[0])
+        alone = flat(engine.clipped_sum(inputs[j : j + 1], targets[j : j + 1], c)[0])
+        assert torch.allclose(total - without, alone, atol=1e-6)
+        assert alone.norm() <= c * (1 + 1e-5)
+        assert alone.norm() >= c * 0.99  # it was clipped, so the bound is tight: the test can see a leak
