@@ -180,7 +180,8 @@ class LayerwiseClipper:
             gb = b.sum(1)
             layer.per_group["bias"] = gb
             sq += gb.float().pow(2).sum(1)
-        layer.inputs, layer.grad_out = a, b
+        # book-keeping needs A and B only where the weight's clipped sum is formed from them (ghost)
+        layer.inputs, layer.grad_out = (a, b) if layer.ghost else (None, None)
         return sq
 
     def _norms_sq(self, layer: _Captured, num_groups: int) -> torch.Tensor:
