@@ -217,7 +217,6 @@ class Trainer:
             raise RuntimeError(f"step {self.step} would exceed the planned {g.steps} steps (and the target ε)")
         sampled = sample_local(self._secret_seed, self.step, store.owned, self.num_train, g.sample_rate)
         self.mechanism.begin_step(self.step)
-        detached = {name: p.detach() for name, p in self.params.items()}
         loss_sum = 0.0
         for chunk in sampled.split(self.config.performance.micro_batch_size):
             inputs = store.features(chunk).unsqueeze(1)  # (b, K=1, ...): one group per example
@@ -226,6 +225,7 @@ class Trainer:
                 summed, losses = self.engine.clipped_sum(inputs, targets, self.guarantee.max_grad_norm, self._autocast)
                 self.mechanism.accumulate_clipped_sum(summed)
             else:
+                detached = {name: p.detach() for name, p in self.params.items()}
                 grads, losses = per_example_grads(self._forward, detached, inputs, targets)
                 self.mechanism.accumulate(grads)
             loss_sum += float(losses.sum())
