@@ -4,6 +4,9 @@ a JSON line for the offline default backbone at K = 1.
 
     python benchmarks/bench_step.py            # EfficientNet-Lite0 (offline weights) and ViT-Tiny, 32 px, K = 1, 16
     python benchmarks/bench_step.py --full     # adds vit_small and resnet50 (GroupNorm) at 224 px
+    python benchmarks/bench_step.py --device cuda --precision bf16 --cases vit_b16_224px   # on a GPU
+
+On CUDA, time is measured with synchronisation and memory is torch's peak allocation (not RSS).
 
 Every mode trains all parameters (BatchNorm frozen) with loss = mean cross-entropy; a DP step here is
 per-example (per-group) clipping plus the clipped sum, without noise (noise costs the same in every mode).
@@ -32,6 +35,10 @@ FULL_CASES = {
     "vit_small_224px": dict(name="vit_small_patch16_224", weights="none", size=224, norm="freeze"),
     "resnet50_gn_224px": dict(name="resnet50", weights="none", size=224, norm="groupnorm"),
 }
+GPU_CASES = {  # only with --device cuda (too slow for the CPU)
+    "vit_b16_224px": dict(name="vit_base_patch16_224", weights="none", size=224, norm="freeze"),
+}
+GPU_BATCH = {1: 64, 16: 4}
 BATCH = {1: 32, 16: 2}  # groups per step; K = 16 sees 32 images
 FULL_BATCH = {1: 8, 16: 1}
 
@@ -41,7 +48,7 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def worker(case: str, num_views: int, mode: str, batch: int, steps: int) -> dict:
+def worker(case: str, num_views: int, mode: str, batch: int, steps: int, device: str, precision: str) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -49,19 +56,24 @@ def worker(case: str, num_views: int, mode: str, batch: int, steps: int) -> dict
     from dpmix_dist.privacy.clipping import clipped_sum
     from dpmix_dist.privacy.layerwise import LayerwiseClipper
 
-    spec = {**CASES, **FULL_CASES}[case]
+    spec = {**CASES, **FULL_CASES, **GPU_CASES}[case]
+    cuda = device == "cuda"
+    amp = torch.bfloat16 if precision == "bf16" else None
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
     dp = build_dp_model(spec["name"], spec["weights"], 10, norm=spec["norm"], trainable="all", image_size=spec["size"])
-    model = dp.model
+    model = dp.model.to(device)
     torch.nn.init.normal_(model.get_classifier().weight, std=0.01)
     params = dp.trainable_params()
-    x = torch.randn(batch, num_views, 3, spec["size"], spec["size"])
-    y = torch.randint(0, 10, (batch, num_views))
+    x = torch.randn(batch, num_views, 3, spec["size"], spec["size"], device=device)
+    y = torch.randint(0, 10, (batch, num_views), device=device)
     flat_x, flat_y = x.flatten(0, 1), y.flatten(0, 1)
 
     if mode == "nonprivate":
         def step():
-            loss = F.cross_entropy(model(flat_x), flat_y)
+            with torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None):
+                loss = F.cross_entropy(model(flat_x), flat_y)
             loss.backward()
             for p in params.values():
                 p.grad = None
@@ -69,7 +81,7 @@ def worker(case: str, num_views: int, mode: str, batch: int, steps: int) -> dict
         engine = LayerwiseClipper(dp.tail_module, params)
 
         def step():
-            engine.clipped_sum(x, y, 1.0)
+            engine.clipped_sum(x, y, 1.0, autocast_dtype=amp)
     else:
         from opacus import GradSampleModule
         from opacus.grad_sample import GradSampleModuleFastGradientClipping
@@ -89,7 +101,9 @@ def worker(case: str, num_views: int, mode: str, batch: int, steps: int) -> dict
             criterion = DPLossFastGradientClipping(gsm, opt, torch.nn.CrossEntropyLoss(reduction="mean"), "mean")
 
             def step():
-                loss = criterion(gsm(flat_x), flat_y)
+                with torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None):
+                    logits = gsm(flat_x)
+                loss = criterion(logits.float(), flat_y)
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -98,27 +112,40 @@ def worker(case: str, num_views: int, mode: str, batch: int, steps: int) -> dict
                                    force_functorch=mode == "opacus_functorch")
 
             def step():
-                loss = F.cross_entropy(gsm(flat_x), flat_y)
+                with torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None):
+                    loss = F.cross_entropy(gsm(flat_x), flat_y)
                 loss.backward()
                 grads = {n: p.grad_sample for n, p in params.items()}
                 clipped_sum(grads, 1.0)
                 for p in params.values():
                     p.grad, p.grad_sample = None, None
 
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     step()  # warm-up
-    base = _rss_mb()
+    step()
+    sync()
+    if cuda:
+        base = torch.cuda.memory_allocated() / 2**20
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = _rss_mb()
     times = []
     # at least `steps` timed steps, more (up to 10) for fast modes: this 2-core machine is noisy
     while len(times) < steps or (sum(times) < 2.5 and len(times) < 10):
         start = time.perf_counter()
         step()
+        sync()
         times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"seconds_per_step": statistics.median(times), "peak_extra_mb": max(peak - base, 0.0), "peak_mb": peak}
 
 
-def run_one(case: str, num_views: int, mode: str, batch: int, steps: int, timeout: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", case, str(num_views), mode, str(batch), str(steps)]
+def run_one(case: str, num_views: int, mode: str, batch: int, steps: int, timeout: int, device: str,
+            precision: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", case, str(num_views), mode, str(batch), str(steps), device, precision]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -135,25 +162,32 @@ def main() -> int:
     parser.add_argument("--cases", default=None, help="comma-separated subset of the cases (default: all selected)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per mode (median reported)")
     parser.add_argument("--timeout", type=int, default=120, help="seconds per mode before it is reported as timeout")
-    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where every mode runs")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                        help="bf16: forward/backward under autocast (norms, clipped sums in fp32)")
+    parser.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        case, k, mode, batch, steps = args.worker
-        print(json.dumps(worker(case, int(k), mode, int(batch), int(steps))))
+        case, k, mode, batch, steps, device, precision = args.worker
+        print(json.dumps(worker(case, int(k), mode, int(batch), int(steps), device, precision)))
         return 0
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     cases = [(c, BATCH) for c in CASES] + ([(c, FULL_BATCH) for c in FULL_CASES] if args.full else [])
     if args.cases:
         wanted = args.cases.split(",")
-        cases = [(c, BATCH if c in CASES else FULL_BATCH) for c in wanted]
+        known = {**CASES, **FULL_CASES, **GPU_CASES}
+        if unknown := [c for c in wanted if c not in known]:
+            parser.error(f"unknown case(s) {unknown}; choose from {sorted(known)}")
+        cases = [(c, BATCH if c in CASES else GPU_BATCH if c in GPU_CASES else FULL_BATCH) for c in wanted]
     results = {}
+    print(f"device {args.device}, precision {args.precision}")
     print(f"{'case':20} {'K':>3} {'B':>3} {'mode':18} {'s/step':>8} {'peak+MB':>8} {'time×np':>8} {'mem×np':>7}")
     for case, batches in cases:
         for k, batch in batches.items():
             row = {}
             for mode in MODES:
-                row[mode] = r = run_one(case, k, mode, batch, args.steps, args.timeout)
+                row[mode] = r = run_one(case, k, mode, batch, args.steps, args.timeout, args.device, args.precision)
                 base = row["nonprivate"]
                 if "error" in r:
                     print(f"{case:20} {k:>3} {batch:>3} {mode:18} {r['error']}")

@@ -17,6 +17,7 @@ from torch.func import functional_call
 from datagen import make_fashion_mnist_idx
 from dpmix_dist.models import make_dp_model
 from dpmix_dist.privacy.clipping import clipped_sum, group_loss, per_example_grads
+from dpmix_dist.privacy.layerwise import LayerwiseClipper
 from dpmix_dist.privacy.mechanism import PrivateGradient
 
 pytestmark = pytest.mark.gpu
@@ -69,3 +70,32 @@ def test_end_to_end_run_on_cuda(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epsilon"] <= 8.0 and summary["steps"] > 0
     assert summary["device"] == "cuda"
+
+
+@pytest.mark.parametrize("kind", ["vit_last", "resnet_gn", "efficientnet", "convnext_all"])
+@pytest.mark.parametrize("num_views", [1, 4])
+def test_layerwise_engine_on_cuda_matches_naive_loop(kind, num_views):
+    from test_layerwise import NUM_CLASSES, _model, _naive
+
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # compare in true fp32
+    dp = _model(kind)
+    dp.model.cuda()
+    with torch.no_grad():
+        dp.model.get_classifier().weight.normal_(0, 0.5)
+        feats = dp.split.prefix(torch.randn(5 * num_views, 3, 32, 32, device="cuda"))
+    inputs = feats.view(5, num_views, *feats.shape[1:])
+    targets = torch.randint(0, NUM_CLASSES, (5, num_views), device="cuda")
+    _, norms = _naive(dp, inputs, targets, 1.0)
+    max_norm = float(norms.median())
+    expected, _ = _naive(dp, inputs, targets, max_norm)
+    engine = LayerwiseClipper(dp.tail_module, dp.trainable_params())
+    got, _ = engine.clipped_sum(inputs, targets, max_norm)
+    for name in expected:
+        assert got[name].is_cuda and got[name].dtype == torch.float32
+        assert torch.allclose(got[name], expected[name], atol=1e-4, rtol=1e-3), name
+    half, _ = engine.clipped_sum(inputs, targets, max_norm, autocast_dtype=torch.bfloat16)
+    total = torch.cat([g.flatten() for g in got.values()])
+    total_half = torch.cat([g.flatten() for g in half.values()])
+    assert all(g.dtype == torch.float32 for g in half.values())  # sums stay fp32 under bf16 autocast
+    assert not torch.equal(total, total_half)  # bf16 really ran
+    assert ((total_half - total).norm() / total.norm()).item() < 0.05
