@@ -165,6 +165,8 @@ def main() -> int:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where every mode runs")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                         help="bf16: forward/backward under autocast (norms, clipped sums in fp32)")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help=f"comma-separated subset of {', '.join(MODES)} (nonprivate always runs: it is the base)")
     parser.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -180,13 +182,16 @@ def main() -> int:
         if unknown := [c for c in wanted if c not in known]:
             parser.error(f"unknown case(s) {unknown}; choose from {sorted(known)}")
         cases = [(c, BATCH if c in CASES else GPU_BATCH if c in GPU_CASES else FULL_BATCH) for c in wanted]
+    modes = ["nonprivate"] + [m for m in MODES[1:] if m in args.modes.split(",")]
+    if unknown := set(args.modes.split(",")) - set(MODES):
+        parser.error(f"unknown mode(s) {sorted(unknown)}; choose from {', '.join(MODES)}")
     results = {}
     print(f"device {args.device}, precision {args.precision}")
     print(f"{'case':20} {'K':>3} {'B':>3} {'mode':18} {'s/step':>8} {'peak+MB':>8} {'time×np':>8} {'mem×np':>7}")
     for case, batches in cases:
         for k, batch in batches.items():
             row = {}
-            for mode in MODES:
+            for mode in modes:
                 row[mode] = r = run_one(case, k, mode, batch, args.steps, args.timeout, args.device, args.precision)
                 base = row["nonprivate"]
                 if "error" in r:
@@ -201,7 +206,9 @@ def main() -> int:
         return 0
     row = results[("effnet_lite0_32px", 1)]
     ours, base = row["dpmix_layerwise"], row["nonprivate"]
-    opacus = [row[m]["seconds_per_step"] for m in MODES if m.startswith("opacus") and "error" not in row[m]]
+    if "dpmix_layerwise" not in row:
+        return 0
+    opacus = [row[m]["seconds_per_step"] for m in row if m.startswith("opacus") and "error" not in row[m]]
     summary = {
         "case": "effnet_lite0_32px, K=1, B=32",
         "dp_over_nonprivate_time": round(ours["seconds_per_step"] / base["seconds_per_step"], 3),

@@ -72,30 +72,39 @@ def test_end_to_end_run_on_cuda(tmp_path):
     assert summary["device"] == "cuda"
 
 
-@pytest.mark.parametrize("kind", ["vit_last", "resnet_gn", "efficientnet", "convnext_all"])
-@pytest.mark.parametrize("num_views", [1, 4])
-def test_layerwise_engine_on_cuda_matches_naive_loop(kind, num_views):
+def _layerwise_vs_naive(kind: str, num_views: int, device: str) -> None:
     from test_layerwise import NUM_CLASSES, _model, _naive
 
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # compare in true fp32
     dp = _model(kind)
-    dp.model.cuda()
+    dp.model.to(device)
     with torch.no_grad():
         dp.model.get_classifier().weight.normal_(0, 0.5)
-        feats = dp.split.prefix(torch.randn(5 * num_views, 3, 32, 32, device="cuda"))
+        feats = dp.split.prefix(torch.randn(5 * num_views, 3, 32, 32, device=device))
     inputs = feats.view(5, num_views, *feats.shape[1:])
-    targets = torch.randint(0, NUM_CLASSES, (5, num_views), device="cuda")
+    targets = torch.randint(0, NUM_CLASSES, (5, num_views), device=device)
     _, norms = _naive(dp, inputs, targets, 1.0)
     max_norm = float(norms.median())
     expected, _ = _naive(dp, inputs, targets, max_norm)
     engine = LayerwiseClipper(dp.tail_module, dp.trainable_params())
     got, _ = engine.clipped_sum(inputs, targets, max_norm)
     for name in expected:
-        assert got[name].is_cuda and got[name].dtype == torch.float32
+        assert got[name].device.type == device and got[name].dtype == torch.float32
         assert torch.allclose(got[name], expected[name], atol=1e-4, rtol=1e-3), name
+    # bf16: the engine may lose no more than bf16 itself loses in the naive loop (both against the fp32 reference)
     half, _ = engine.clipped_sum(inputs, targets, max_norm, autocast_dtype=torch.bfloat16)
-    total = torch.cat([g.flatten() for g in got.values()])
-    total_half = torch.cat([g.flatten() for g in half.values()])
+    with torch.autocast(device, dtype=torch.bfloat16):
+        naive_half, _ = _naive(dp, inputs, targets, max_norm)
+    flat = lambda d: torch.cat([g.float().flatten() for g in d.values()])  # noqa: E731
+    ref = flat(expected)
     assert all(g.dtype == torch.float32 for g in half.values())  # sums stay fp32 under bf16 autocast
-    assert not torch.equal(total, total_half)  # bf16 really ran
-    assert ((total_half - total).norm() / total.norm()).item() < 0.05
+    assert not torch.equal(flat(half), ref)  # bf16 really ran
+    err_engine = ((flat(half) - ref).norm() / ref.norm()).item()
+    err_naive = ((flat(naive_half) - ref).norm() / ref.norm()).item()
+    assert err_engine <= 2 * err_naive + 0.01, (err_engine, err_naive)
+
+
+@pytest.mark.parametrize("kind", ["vit_last", "resnet_gn", "efficientnet", "convnext_all"])
+@pytest.mark.parametrize("num_views", [1, 4])
+def test_layerwise_engine_on_cuda_matches_naive_loop(kind, num_views):
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # compare in true fp32
+    _layerwise_vs_naive(kind, num_views, "cuda")

@@ -161,48 +161,52 @@ class LayerwiseClipper:
     # ---------------------------------------------------------------------------------------- per layer
 
     def _linear_like(self, layer: _Captured, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """a (n, T, d_in), b (n, T, d_out) per group: squared norms (n,), keeping what the clipped sum needs."""
+        """a (n, T, d_in), b (n, T, d_out) per group: squared norms (n,), keeping what the clipped sum needs.
+
+        a and b stay in their own dtype (bf16 under autocast) while stored for the clipped sum; every product is
+        formed in fp32 from per-layer temporaries, so stored activations cost what autograd's own would.
+        """
         n, t, d_in = a.shape
         d_out = b.shape[-1]
         sq = torch.zeros(n, device=a.device, dtype=torch.float32)
         has_weight = "weight" in layer.names
         layer.ghost = has_weight and t * t * (d_in + d_out) < t * d_in * d_out
+        a32, b32 = a.float(), b.float()  # no copy in fp32
         if has_weight:
             if layer.ghost:
-                aa = torch.bmm(a, a.transpose(1, 2))
-                bb = torch.bmm(b, b.transpose(1, 2))
-                sq += (aa * bb).sum((1, 2)).float()
+                aa = torch.bmm(a32, a32.transpose(1, 2))
+                bb = torch.bmm(b32, b32.transpose(1, 2))
+                sq += (aa * bb).sum((1, 2))
             else:
-                g = torch.bmm(b.transpose(1, 2), a)  # (n, d_out, d_in)
+                g = torch.bmm(b32.transpose(1, 2), a32)  # (n, d_out, d_in)
                 layer.per_group["weight"] = g
-                sq += g.float().pow(2).sum((1, 2))
+                sq += g.pow(2).sum((1, 2))
         if "bias" in layer.names:
-            gb = b.sum(1)
+            gb = b32.sum(1)
             layer.per_group["bias"] = gb
-            sq += gb.float().pow(2).sum(1)
+            sq += gb.pow(2).sum(1)
         # book-keeping needs A and B only where the weight's clipped sum is formed from them (ghost)
         layer.inputs, layer.grad_out = (a, b) if layer.ghost else (None, None)
         return sq
 
     def _norms_sq(self, layer: _Captured, num_groups: int) -> torch.Tensor:
         mod = layer.module
+        if isinstance(mod, nn.Linear):  # upcasts per product, keeps bf16 A and B (see _linear_like)
+            return self._linear_like(layer, _tokens(layer.inputs, num_groups), _tokens(layer.grad_out, num_groups))
+        if isinstance(mod, nn.Conv2d):
+            return self._conv(layer, num_groups)
+        if isinstance(mod, nn.Embedding):
+            return self._embedding(layer, num_groups)
         x = layer.inputs
         if x is not None and x.is_floating_point():
-            x = x.float()  # bf16 activations: fp32 per-example math
+            x = x.float()  # bf16 activations: fp32 per-example math (temporaries; nothing of them is kept)
         gy = layer.grad_out.float()
-        layer.inputs, layer.grad_out = x, gy
         if layer.vit is not None:
             return self._elementwise(layer, self._vit_embedding_grads(layer.vit, gy, num_groups))
         if layer.convnext is not None:
             y = x if layer.convnext.use_conv_mlp else x.permute(0, 3, 1, 2)  # the mlp ran channels-last
             prod = (y * gy).reshape(num_groups, -1, gy.shape[1], gy[0, 0].numel()).sum((1, 3))
             return self._elementwise(layer, {"gamma": prod})
-        if isinstance(mod, nn.Linear):
-            return self._linear_like(layer, _tokens(x, num_groups), _tokens(gy, num_groups))
-        if isinstance(mod, nn.Embedding):
-            return self._embedding(layer, num_groups)
-        if isinstance(mod, nn.Conv2d):
-            return self._conv(layer, num_groups)
         if isinstance(mod, (nn.LayerNorm, nn.GroupNorm)):
             if isinstance(mod, nn.LayerNorm):
                 if type(mod).__name__ == "LayerNorm2d":  # timm: normalizes the channel axis of (n, C, H, W)
@@ -245,7 +249,7 @@ class LayerwiseClipper:
         """Ghost norm of an embedding lookup: ‖G_i‖² = Σ_{s,t} [id_s = id_t] (B_s·B_t) over the group's tokens."""
         mod = layer.module
         ids = layer.inputs.reshape(num_groups, -1).long()
-        b = layer.grad_out.reshape(num_groups, ids.shape[1], mod.embedding_dim)
+        b = layer.grad_out.float().reshape(num_groups, ids.shape[1], mod.embedding_dim)
         if mod.padding_idx is not None:  # the padding row receives no gradient
             b = b * (ids != mod.padding_idx).unsqueeze(-1)
         same = ids.unsqueeze(2) == ids.unsqueeze(1)
@@ -274,12 +278,12 @@ class LayerwiseClipper:
             return self._linear_like(layer, a, b)
         # Grouped (e.g. depthwise) conv: per-group gradients are small, form them directly.
         g = mod.groups
-        a = cols.reshape(n_views, g, -1, length)  # (nK, g, C_in/g·k·k, L)
-        b = gy.reshape(n_views, g, -1, length)  # (nK, g, C_out/g, L)
+        a = cols.float().reshape(n_views, g, -1, length)  # (nK, g, C_in/g·k·k, L)
+        b = gy.float().reshape(n_views, g, -1, length)  # (nK, g, C_out/g, L)
         w = torch.einsum("vgol,vgil->vgoi", b, a).reshape(num_groups, -1, *mod.weight.shape).sum(1)
         grads = {"weight": w}
         if "bias" in layer.names:
-            grads["bias"] = gy.sum(2).reshape(num_groups, -1, mod.out_channels).sum(1)
+            grads["bias"] = gy.float().sum(2).reshape(num_groups, -1, mod.out_channels).sum(1)
         return self._elementwise(layer, grads)
 
     # ---------------------------------------------------------------------------------------- clipped sum
@@ -294,8 +298,8 @@ class LayerwiseClipper:
                 out[name] = torch.zeros(shape, device=b.device).index_add_(0, ids.reshape(-1), scaled)
             elif attr == "weight" and layer.ghost:
                 a, b = layer.inputs, layer.grad_out  # (n, T, d_in), (n, T, d_out)
-                scaled = b * factors.view(-1, 1, 1).to(b.dtype)
-                g = torch.einsum("nto,nti->oi", scaled.float(), a.float())
+                scaled = b.float() * factors.view(-1, 1, 1)  # factors stay fp32 whatever b's dtype
+                g = torch.einsum("nto,nti->oi", scaled, a.float())
                 out[name] = g.reshape(shape)
             else:
                 g = layer.per_group[attr]
