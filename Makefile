@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make demo   set up (venv, packages, offline data and weights) and run the offline default job
 #   make test   set up and run the test suite
+#   make synthetic   train the offline diffusion generator on the public split and render its images (DP-Mix_Diff)
 # Every pip step goes through constraints.txt (torch and torchvision pinned together).
 
 PYTHON ?= python3
@@ -11,10 +12,11 @@ FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 DEMO_CONFIG ?= fmnist_effnet_lite0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test setup data clean help
+.PHONY: demo test setup data synthetic clean help
 help:
 	@echo "make demo   - set up and run the offline default (EfficientNet-Lite0 on Fashion-MNIST, eps=8)"
 	@echo "make test   - set up and run the tests"
+	@echo "make synthetic - train the offline generator on the public split, render and check its images"
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,10 +30,22 @@ setup: $(VENV)/.installed
 $(FMNIST_DIR)/train-images-idx3-ubyte.gz:
 	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist
 
-data/fashion_mnist/metadata.json: | $(FMNIST_DIR)/train-images-idx3-ubyte.gz $(VENV)/.installed
-	$(PY) launch/prepare_data.py fashion_mnist --source $(FMNIST_DIR) --out data/fashion_mnist
+# The train split is cut into a public part (10k, for the diffusion generator) and the private rest (50k, what
+# fine-tuning uses); both folders record the split. Keyed on the public folder: an older unsplit folder is redone.
+data/fashion_mnist_public/metadata.json: | $(FMNIST_DIR)/train-images-idx3-ubyte.gz $(VENV)/.installed
+	$(PY) launch/prepare_data.py fashion_mnist --source $(FMNIST_DIR) --out data/fashion_mnist \
+		--public-out data/fashion_mnist_public --public-count 10000 --overwrite
 
-data: data/fashion_mnist/metadata.json
+data: data/fashion_mnist_public/metadata.json
+
+models/fmnist_ddpm/dpmix_generator.json: data/fashion_mnist_public/metadata.json
+	HF_HUB_OFFLINE=1 $(PY) launch/train_diffusion.py --config fmnist_ddpm $(if $(wildcard models/fmnist_ddpm/checkpoint.pt),--resume)
+
+data/fmnist_synthetic/metadata.json: models/fmnist_ddpm/dpmix_generator.json
+	HF_HUB_OFFLINE=1 $(PY) launch/generate.py --config fmnist_ddpm
+	HF_HUB_OFFLINE=1 $(PY) launch/generate.py --config fmnist_ddpm --check
+
+synthetic: data/fmnist_synthetic/metadata.json
 
 demo: setup data
 	HF_HUB_OFFLINE=1 $(VENV)/bin/accelerate launch --config_file configs/accelerate/cpu_1proc.yaml \
@@ -41,4 +55,4 @@ test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) data runs .cache
+	rm -rf $(VENV) data runs .cache models

@@ -210,13 +210,13 @@ class Config:
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def resolve_config_path(name: str) -> Path:
-    """`NAME`, `NAME.yaml` (in configs/) or a path to a YAML file."""
-    candidates = [Path(name), CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"]
+def resolve_config_path(name: str, config_dir: Path = CONFIG_DIR) -> Path:
+    """`NAME`, `NAME.yaml` (in `config_dir`) or a path to a YAML file."""
+    candidates = [Path(name), config_dir / name, config_dir / f"{name}.yaml"]
     for path in candidates:
         if path.is_file():
             return path
-    available = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    available = ", ".join(sorted(p.stem for p in config_dir.glob("*.yaml")))
     raise ConfigError(f"--config {name}: no such file or shipped config (shipped: {available})")
 
 
@@ -257,6 +257,11 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
         if not isinstance(value, str):
             _fail(key, f"must be a string, got {value!r}")
         return value
+    if origin is tuple:  # tuple[X, ...]: a YAML list
+        (inner, _) = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            _fail(key, f"must be a list, got {value!r}")
+        return tuple(_check_type(f"{key}[{i}]", v, inner) for i, v in enumerate(value))
     raise TypeError(f"unsupported config type {annotation} for {key}")  # a bug in this file, not user input
 
 
@@ -299,18 +304,24 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     return _build(Config, raw, "")
 
 
-def load_config(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read `configs/NAME.yaml` (or a path), apply `section.key=value` overrides, validate."""
-    path = resolve_config_path(name)
+def load_yaml_config(cls: type, name: str, overrides: list[str] | tuple[str, ...] = (), config_dir: Path = CONFIG_DIR):
+    """Read `config_dir/NAME.yaml` (or a path), apply `section.key=value` overrides, validate into `cls`."""
+    path = resolve_config_path(name, config_dir)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: must hold a mapping of sections (model:, data:, privacy:, ...)")
+        sections = ", ".join(f"{f.name}:" for f in dataclasses.fields(cls))
+        raise ConfigError(f"{path}: must hold a mapping of sections ({sections})")
     for override in overrides:
         _apply_override(raw, override)
-    return config_from_dict(raw)
+    return _build(cls, raw, "")
+
+
+def load_config(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read `configs/NAME.yaml` (or a path), apply `section.key=value` overrides, validate."""
+    return load_yaml_config(Config, name, overrides)
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from dpmix_dist.data.shards import load_split, read_metadata
 from dpmix_dist.data.store import ExampleStore
 from dpmix_dist.data.transforms import to_model_input
 from dpmix_dist.distributed import Distributed
+from dpmix_dist.errors import DataError
 from dpmix_dist.models import build_dp_model, check_model_name
 from dpmix_dist.privacy import accounting
 from dpmix_dist.privacy.clipping import per_example_grads
@@ -117,6 +118,14 @@ class Trainer:
 
         # --- data: metadata first, so bad settings fail before any work
         self.metadata = read_metadata(config.data.root)
+        role = self.metadata.get("split", {}).get("role")
+        if role == "public":
+            raise DataError(
+                f"data.root: {config.data.root} is the public part of a public/private split (for the diffusion "
+                f"generator); private fine-tuning trains on the private part: {self.metadata['split']['partner']}"
+            )
+        if self.metadata.get("synthetic"):
+            raise DataError(f"data.root: {config.data.root} holds synthetic images; point it at the private data set")
         self.num_train = self.metadata["splits"]["train"]["num_examples"]
         self.num_test = self.metadata["splits"]["test"]["num_examples"]
         check_against_dataset(config, self.num_train)

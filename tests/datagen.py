@@ -81,3 +81,63 @@ def make_image_folder(root: Path, classes: tuple[str, ...] = ("cat", "dog", "fox
             for i, image in enumerate(images):
                 Image.fromarray(image).save(root / split / name / f"{i}.png")
     return root
+
+
+def make_tiny_class_conditional_generator(folder: Path, public_root: Path) -> Path:
+    """A random-weight class-conditional generator in train_diffusion.py's layout (unet/, scheduler/, info)."""
+    import json
+
+    from diffusers import DDPMScheduler
+
+    from dpmix_dist.data.shards import read_metadata
+    from dpmix_dist.synthetic.config import UNetConfig
+    from dpmix_dist.synthetic.diffusion import GENERATOR_INFO, build_unet
+
+    import torch
+
+    meta = read_metadata(public_root)
+    torch.manual_seed(0)
+    unet = build_unet(UNetConfig(block_out_channels=(8, 16), norm_num_groups=4), 28, 1, meta["num_classes"])
+    unet.save_pretrained(folder / "unet")
+    DDPMScheduler(num_train_timesteps=100).save_pretrained(folder / "scheduler")
+    info = {"kind": "class_conditional", "classes": meta["classes"], "num_classes": meta["num_classes"],
+            "null_class": meta["num_classes"], "image_shape": [28, 28, 1], "trained_on": {"root": str(public_root)}}
+    (folder / GENERATOR_INFO).write_text(json.dumps(info))
+    return folder
+
+
+def make_tiny_text2image_pipeline(folder: Path) -> Path:
+    """A random-weight Stable-Diffusion-style pipeline (UNet2DConditionModel + AutoencoderKL + CLIP text encoder),
+    built from configs and saved with save_pretrained: the text-to-image code path, without any download."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8,
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+        sample_size=32,
+    )  # fmt: skip
+    # A byte-level BPE vocabulary over lowercase letters: every prompt tokenises, no download needed.
+    # (transformers 5 ignores vocab_file=/merges_file= here; vocab=/merges= objects work.)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
+    for ch in letters:
+        vocab[ch] = len(vocab)
+        vocab[ch + "</w>"] = len(vocab)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], unk_token="<|endoftext|>", bos_token="<|startoftext|>",
+                              eos_token="<|endoftext|>", pad_token="<|endoftext|>", model_max_length=16)  # fmt: skip
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32,
+                                                num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
+                                                projection_dim=16))  # fmt: skip
+    scheduler = DDIMScheduler(num_train_timesteps=100, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)  # fmt: skip
+    pipe.save_pretrained(folder)
+    return folder

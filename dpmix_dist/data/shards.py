@@ -48,9 +48,17 @@ def _png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def write_dataset(dataset: RawDataset, root: str | Path, *, overwrite: bool = False, extra: dict | None = None) -> Path:
+def write_dataset(
+    dataset: RawDataset,
+    root: str | Path,
+    *,
+    overwrite: bool = False,
+    extra: dict | None = None,
+    extra_files: dict[str, bytes] | None = None,
+) -> Path:
     """Write `dataset` as shards + metadata into `root`, all or nothing.
 
+    `extra` adds keys to metadata.json; `extra_files` (name -> bytes) are written beside it.
     An existing `root` is kept unless `overwrite`; even then it is replaced only once the new one is complete.
     """
     root = Path(root)
@@ -82,6 +90,8 @@ def write_dataset(dataset: RawDataset, root: str | Path, *, overwrite: bool = Fa
                 "class_counts": np.bincount(raw.labels, minlength=len(dataset.classes)).tolist(),
                 "shards": {name: _sha256(tmp / name) for name in shards},
             }
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
         (tmp / METADATA).write_text(json.dumps(meta, indent=2))
         if root.exists():
             old = root.with_name(f".{root.name}.old")

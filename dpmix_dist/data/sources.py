@@ -153,3 +153,30 @@ def read_image_folder(root: str | Path, image_size: int | None) -> RawDataset:
             raise DataError(f"{root / split}: images have different sizes {sorted(sizes)[:3]}...; pass --image-size N")
         splits[split] = RawSplit(np.stack(images), np.asarray([t for _, t in folder.samples], dtype=np.int64))
     return RawDataset(root.name, classes, splits, str(root))
+
+
+SPLIT_INDICES = "source_indices.npy"
+
+
+def split_public_private(
+    dataset: RawDataset, public_count: int, seed: int
+) -> tuple[RawDataset, RawDataset, np.ndarray, np.ndarray]:
+    """Split the train split into a disjoint private part and public part (the test split goes to both).
+
+    The public part is for models that must never see the private data (e.g. the diffusion generator of
+    DP-Mix_Diff); fine-tuning uses the private part only. Returns (private, public, private_idx, public_idx),
+    the indices into the source train split, each sorted.
+    """
+    train = dataset.splits["train"]
+    n = len(train.labels)
+    if not 0 < public_count < n:
+        raise DataError(f"--public-count must be between 1 and {n - 1} (the train split has {n} examples), got {public_count}")
+    order = np.random.default_rng(seed).permutation(n)
+    public_idx, private_idx = np.sort(order[:public_count]), np.sort(order[public_count:])
+
+    def part(idx: np.ndarray, role: str) -> RawDataset:
+        splits = {**dataset.splits, "train": RawSplit(train.images[idx], train.labels[idx])}
+        return RawDataset(dataset.name if role == "private" else f"{dataset.name}_public", dataset.classes, splits,
+                          dataset.source)
+
+    return part(private_idx, "private"), part(public_idx, "public"), private_idx, public_idx
