@@ -248,7 +248,7 @@ def test_text_to_image_pipeline_with_templates(tmp_path):
     pipe = make_tiny_text2image_pipeline(tmp_path / "pipe")
     cfg = {
         "generator": {"kind": "text2image", "model": str(pipe), "num_inference_steps": 2, "guidance_scale": 3.0,
-                      "resolution": 32, "output_size": 16, "batch_size": 3, "precision": "fp32",
+                      "resolution": 32, "output_size": 16, "batch_size": 3, "precision": "fp32", "scheduler": "dpm",
                       "prompt_templates": ["a photo of a {class_name}", "a drawing of a {class_name}"]},
         "classes": {"names": ["cat", "dog", "ship"]},
         "output": {"dir": str(tmp_path / "out"), "images_per_class": 4, "images_per_shard": 5, "seed": 1},

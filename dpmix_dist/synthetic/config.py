@@ -110,9 +110,10 @@ class GeneratorConfig:
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
     """Classifier-free guidance (1 = none)."""
-    scheduler: Literal["default", "ddim"] = "default"
-    """text2image: `default` keeps the pipeline's scheduler; class_conditional always samples with DDIM (η = 0),
-    so every image is a function of its own seed."""
+    scheduler: Literal["default", "ddim", "dpm"] = "default"
+    """text2image: `default` keeps the pipeline's scheduler, `ddim` / `dpm` (DPM-Solver++) replace it.
+    class_conditional: `default`/`ddim` = DDIM (η = 0), `dpm` = DPM-Solver++ (2M); both deterministic, so every
+    image is a function of its own seed."""
     resolution: int = 512
     """Side of the rendered image (text2image: the pipeline's height and width; class_conditional: must be
     the size the model was trained at)."""

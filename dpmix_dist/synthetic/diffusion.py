@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
@@ -177,10 +177,20 @@ def _asdict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-class ClassConditionalSampler:
-    """Samples a folder written by `train_diffusion`: DDIM (η = 0) with classifier-free guidance."""
+def deterministic_scheduler(config: dict, name: str):
+    """A sampler whose output is a function of the initial noise alone: DDIM (η = 0, trailing timesteps, so the
+    first step starts from pure noise) or DPM-Solver++ (2nd order multistep, no SDE noise)."""
+    if name == "dpm":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
+    return DDIMScheduler.from_config(config, timestep_spacing="trailing")
 
-    def __init__(self, folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+
+class ClassConditionalSampler:
+    """Samples a folder written by `train_diffusion` with classifier-free guidance and a deterministic sampler
+    (`ddim` or `dpm`, see `deterministic_scheduler`)."""
+
+    def __init__(self, folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 sampler: str = "ddim"):  # fmt: skip
         folder = Path(folder)
         info_path = folder / GENERATOR_INFO
         if not folder.is_dir():
@@ -193,7 +203,7 @@ class ClassConditionalSampler:
                              "launch/train_diffusion.py (no unet/ or dpmix_generator.json)")  # fmt: skip
         self.info = json.loads(info_path.read_text())
         self.unet = UNet2DModel.from_pretrained(folder / "unet", torch_dtype=dtype).to(device).eval()
-        self.scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
+        self.scheduler = deterministic_scheduler(DDPMScheduler.load_config(folder / "scheduler"), sampler)
         self.device, self.dtype = torch.device(device), dtype
         self.image_size = self.info["image_shape"][0]
         self.channels = self.info["image_shape"][2]
@@ -215,6 +225,6 @@ class ClassConditionalSampler:
                 both = self.unet(torch.cat([x, x]), t, class_labels=torch.cat([y, null])).sample
                 cond, uncond = both.chunk(2)
                 eps = uncond + guidance * (cond - uncond)
-            x = self.scheduler.step(eps, t, x, eta=0.0).prev_sample
+            x = self.scheduler.step(eps, t, x).prev_sample
         images = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return images.permute(0, 2, 3, 1).cpu().numpy()

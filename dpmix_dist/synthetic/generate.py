@@ -101,7 +101,8 @@ def _dtype(precision: str, device: torch.device) -> torch.dtype:
 def class_conditional_renderer(gen: GeneratorConfig, classes: tuple[str, ...], device: torch.device) -> Renderer:
     from dpmix_dist.synthetic.diffusion import ClassConditionalSampler
 
-    sampler = ClassConditionalSampler(gen.model, device, _dtype(gen.precision, device))
+    sampler = ClassConditionalSampler(gen.model, device, _dtype(gen.precision, device),
+                                      sampler="dpm" if gen.scheduler == "dpm" else "ddim")
     if tuple(sampler.info["classes"]) != classes:
         raise ConfigError(f"generator.model {gen.model} was trained on classes {sampler.info['classes']}, not {list(classes)}; "
                           "the synthetic labels would be wrong. Use the data folder it was trained on for classes.from_data")  # fmt: skip
@@ -121,7 +122,9 @@ def prompt_for(gen: GeneratorConfig, class_name: str, index: int) -> str:
 
 
 def text2image_renderer(gen: GeneratorConfig, classes: tuple[str, ...], device: torch.device) -> Renderer:
-    from diffusers import AutoPipelineForText2Image, DDIMScheduler
+    from diffusers import AutoPipelineForText2Image
+
+    from dpmix_dist.synthetic.diffusion import deterministic_scheduler
 
     dtype = _dtype(gen.precision, device)
     local = Path(gen.model)
@@ -134,8 +137,8 @@ def text2image_renderer(gen: GeneratorConfig, classes: tuple[str, ...], device: 
     except (OSError, ValueError, EnvironmentError) as exc:
         where = "a local folder" if local.is_dir() else "a hub id (needs internet once, then the HF cache)"
         raise ModelError(f"generator.model: cannot load {gen.model} as {where}: {str(exc).splitlines()[0]}") from None
-    if gen.scheduler == "ddim":
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if gen.scheduler != "default":
+        pipe.scheduler = deterministic_scheduler(pipe.scheduler.config, gen.scheduler)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
 
