@@ -39,6 +39,10 @@ def run_finetune(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, args.overrides)
         _check_output_dir(args.output_dir, args.resume)
+        if config.tracking.enabled:
+            from dpmix_dist.tracking import check_uri, resolve_uri
+
+            check_uri(resolve_uri(config.tracking))
     except USER_ERRORS as exc:
         return fail(str(exc))
 
@@ -74,9 +78,12 @@ def run_finetune(args: argparse.Namespace) -> int:
         dist.close()
         return fail(str(exc))
 
+    tracker = None
     if dist.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(dump_config(config))
+        if config.tracking.enabled:
+            tracker = _start_tracker(config, trainer, output_dir, args, dist.world_size)
         g = trainer.guarantee
         print(
             f"DP-SGD: target ε={config.privacy.target_epsilon:g} at δ={g.delta:g} ({g.accountant}); σ={g.noise_multiplier:.4f}, "
@@ -87,11 +94,15 @@ def run_finetune(args: argparse.Namespace) -> int:
     try:
         summary = trainer.train()
     except Interrupted as stopped:
+        if tracker is not None:
+            tracker.end_interrupted()
         if dist.is_main:
             print(f"interrupted: {stopped}; checkpoint written. Continue with the same command plus "
                   f"--resume --output-dir {output_dir}", file=sys.stderr)
         dist.close()
         return 130
+    if tracker is not None:
+        _finish_tracker(tracker, config, trainer, summary, dist.world_size)
     if dist.is_main:
         short = {k: v for k, v in summary.items() if k != "history"}
         print(json.dumps(short, indent=2))
@@ -99,3 +110,46 @@ def run_finetune(args: argparse.Namespace) -> int:
               f"ε={summary['epsilon']:.3f}, δ={summary['delta']:g}; outputs in {output_dir}")
     dist.close()
     return 0
+
+
+def _start_tracker(config, trainer, output_dir: Path, args: argparse.Namespace, world_size: int):
+    """The main process's MLflow run: params, the planned guarantee as tags, metrics at every evaluation."""
+    from dpmix_dist.tracking import Tracker, guarantee_tags
+
+    g = trainer.guarantee
+    planned = {"epsilon": g.epsilon(g.steps), "delta": g.delta, "noise_multiplier": g.noise_multiplier,
+               "max_grad_norm": g.max_grad_norm, "sample_rate": g.sample_rate, "steps": g.steps,
+               "accountant": g.accountant}  # fmt: skip
+    tags = guarantee_tags(planned, config, trainer.metadata["name"], world_size)
+    resume_id = None
+    run_file = output_dir / "mlflow_run.json"
+    if args.resume and run_file.is_file():
+        resume_id = json.loads(run_file.read_text())["run_id"]
+    name = config.tracking.run_name or (
+        f"{Path(args.config).stem}-{config.augment.method}-eps{config.privacy.target_epsilon:g}"
+    )
+    tracker = Tracker(config.tracking, output_dir, log=lambda m: print(m, file=sys.stderr, flush=True))
+    tracker.start(config, tags, name, resume_run_id=resume_id)
+
+    def on_eval(record: dict) -> None:
+        metrics = {"test_accuracy": record["test_accuracy"], "epsilon": record["epsilon"]}
+        if config.tracking.log_train_loss and record["train_loss"] == record["train_loss"]:  # not NaN
+            metrics["train_loss"] = record["train_loss"]
+        tracker.log_metrics(record["step"], metrics)
+
+    trainer.on_eval = on_eval
+    return tracker
+
+
+def _finish_tracker(tracker, config, trainer, summary: dict, world_size: int) -> None:
+    from dpmix_dist.tracking import guarantee_tags
+
+    import copy
+
+    example = trainer.public_example()
+    model = copy.deepcopy(trainer.dp_model.model).cpu().eval()  # loadable without the training device
+    tags = guarantee_tags(summary, config, summary["dataset"], world_size)
+    tracker.finish(summary, model, example, tags)
+    if tracker.model_version:
+        print(f"registered models:/{config.tracking.register_as}/{tracker.model_version} with (ε={summary['epsilon']:.3f}, "
+              f"δ={summary['delta']:g}); MLflow {tracker.uri}, run {tracker.run_id}", flush=True)  # fmt: skip

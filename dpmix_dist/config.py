@@ -197,6 +197,42 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow. Only the main process talks to it; nothing private (seeds, indices, norms, images) is logged."""
+
+    enabled: bool = True
+    uri: str = ""
+    """Tracking URI. Empty: MLFLOW_TRACKING_URI if set, else sqlite:///mlflow.db in the working folder (artifacts
+    in mlartifacts/ beside it). A server: http://HOST:PORT."""
+    experiment: str = "dpmix-dist"
+    run_name: str = ""
+    """Default: CONFIG-METHOD-eps{ε}."""
+    register_as: str = ""
+    """Register the final model under this name in the model registry (the version carries the guarantee as
+    tags and description). Empty: log the model without registering it."""
+    parent_run_id: str = ""
+    """Nest this run under another (set by launch/sweep.py)."""
+    log_train_loss: bool = True
+    """Log `train_loss` (mean loss of the sampled private examples per evaluation interval). It is computed on
+    private data without noise, so it is NOT covered by the (ε, δ) guarantee: turn it off for runs whose
+    tracker is shared beyond those trusted with the data."""
+    request_timeout_s: float = 5.0
+    """Per request; a server that does not answer in time counts as away and the records wait in a queue."""
+    retry_every_s: float = 2.0
+    flush_timeout_s: float = 30.0
+    """At the end, how long to keep retrying a server that is away before reporting what could not be sent."""
+
+    def __post_init__(self) -> None:
+        for key in ("request_timeout_s", "retry_every_s"):
+            if not getattr(self, key) > 0:
+                _fail(f"tracking.{key}", f"must be > 0, got {getattr(self, key)}")
+        if self.flush_timeout_s < 0:
+            _fail("tracking.flush_timeout_s", f"must be >= 0, got {self.flush_timeout_s}")
+        if not self.experiment:
+            _fail("tracking.experiment", "must name an MLflow experiment")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -205,6 +241,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     performance: PerformanceConfig = field(default_factory=PerformanceConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 # ---------------------------------------------------------------------------------------------- loading

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch.func import functional_call
@@ -171,11 +172,28 @@ class Trainer:
             raise ConfigError("performance.precision=bf16 needs the layer-wise engine (performance.engine=auto/layerwise)")
         self.step = 0
         self.history: list[dict] = []
+        self.on_eval = None  # main process: called with each history record (e.g. the MLflow tracker)
+        self._loss_acc = [0.0, 0]  # this rank's group-loss sum and count since the last evaluation
         # Decoding shards and caching features happen here, so a corrupt shard fails before any output is written.
         self.train_store = self._store("train", "caching train features")
         self.test_store = self._store("test", "caching test features")
 
     # ------------------------------------------------------------------------------------------ data
+
+    def public_example(self) -> torch.Tensor:
+        """One model input (1, 3, S, S) on the CPU from PUBLIC data, for the logged model's signature: an image of
+        the public part of the split when there is one, else a synthetic mid-grey image. Never a private one."""
+        split = self.metadata.get("split", {})
+        shape = tuple(self.metadata["splits"]["train"]["image_shape"])
+        image = np.full((1, *shape), 128, dtype=np.uint8)
+        partner = Path(split.get("partner", ""))
+        if split.get("role") == "private" and (partner / "metadata.json").is_file():
+            try:
+                public = load_split(partner, "train", self.config.data.cache_dir)
+                image = np.asarray(public.images[:1])
+            except DataError:
+                pass
+        return self._to_input(image).cpu()
 
     def _to_input(self, images) -> torch.Tensor:
         return to_model_input(images, self.config.data.image_size, self._mean, self._std, self.dist.device)
@@ -238,6 +256,8 @@ class Trainer:
                 grads, losses = per_example_grads(self._forward, detached, inputs, targets)
                 self.mechanism.accumulate(grads)
             loss_sum += float(losses.sum())
+        self._loss_acc[0] += loss_sum
+        self._loss_acc[1] += len(sampled)
         flat = self.mechanism.finish_step()
         for name, grad in self.mechanism.unflatten(flat).items():
             self.params[name].grad = grad.to(self.params[name].dtype)
@@ -276,7 +296,11 @@ class Trainer:
                 if self.step % eval_every == 0 or self.step == g.steps:
                     self.dist.check_identical(torch.cat([p.detach().flatten() for p in self.params.values()]), "parameters")
                     epsilon, accuracy = g.epsilon(self.step), self.evaluate(test_store)
-                    self.history.append({"step": self.step, "epsilon": epsilon, "test_accuracy": accuracy})
+                    record = {"step": self.step, "epsilon": epsilon, "test_accuracy": accuracy,
+                              "train_loss": self._train_loss()}  # fmt: skip
+                    self.history.append(record)
+                    if self.on_eval is not None and self.dist.is_main:
+                        self.on_eval(record)
                     bar.write(f"step {self.step}/{g.steps}  ε={epsilon:.3f}  test accuracy {accuracy:.4f}")
                 if self.step % ckpt_every == 0 and self.step < g.steps:
                     self._save_checkpoint()
@@ -288,6 +312,14 @@ class Trainer:
                     raise Interrupted(self.step, g.steps)
         bar.close()
         return self._finish(accuracy, time.time() - start)
+
+    def _train_loss(self) -> float:
+        """Mean group loss over every example sampled (all ranks) since the last evaluation. It is computed on
+        private data without noise: a diagnostic, not covered by the (ε, δ) guarantee (tracking.log_train_loss)."""
+        acc = torch.tensor(self._loss_acc, dtype=torch.float64, device=self.dist.device)
+        self.dist.all_reduce_sum(acc)
+        self._loss_acc = [0.0, 0]
+        return float(acc[0] / acc[1]) if acc[1] > 0 else float("nan")
 
     def _finish(self, accuracy: float, seconds: float) -> dict:
         g = self.guarantee
@@ -370,8 +402,8 @@ class Trainer:
 
 
 def _mechanism_sections(config: Config) -> dict:
-    """Everything but `run` and `performance`: what a resumed run must keep (those two may change)."""
-    return {k: v for k, v in config_to_dict(config).items() if k not in ("run", "performance")}
+    """Everything but `run`, `performance` and `tracking`: what a resumed run must keep (those may change)."""
+    return {k: v for k, v in config_to_dict(config).items() if k not in ("run", "performance", "tracking")}
 
 
 def read_checkpoint_seed(output_dir: Path) -> int | None:

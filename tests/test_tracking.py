@@ -1,0 +1,277 @@
+"""MLflow: a real SQLite store and a real `mlflow server` on 127.0.0.1 (started and stopped here by its PID)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from datagen import make_fashion_mnist_idx
+
+REPO = Path(__file__).resolve().parent.parent
+SEED = "918273645"  # distinctive, so a search for it cannot hit by chance
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("trk")
+    raw = make_fashion_mnist_idx(root / "idx", num_train=240, num_test=60)
+    subprocess.run([sys.executable, "launch/prepare_data.py", "fashion_mnist", "--source", str(raw), "--out",
+                    str(root / "priv"), "--public-out", str(root / "pub"), "--public-count", "40"],
+                   cwd=REPO, check=True, capture_output=True)  # fmt: skip
+    return root / "priv", root / "pub"
+
+
+def _finetune(cwd: Path, priv: Path, out: Path, *overrides: str, timeout: int = 600, popen: bool = False):
+    cmd = [sys.executable, str(REPO / "launch/finetune.py"), "--config", "tiny_test", "--seed", SEED,
+           "--output-dir", str(out), f"data.root={priv}", f"data.cache_dir={cwd / 'cache'}", "tracking.enabled=true",
+           "tracking.register_as=tiny-fmnist", *overrides]  # fmt: skip
+    if popen:
+        return subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+class Server:
+    """`mlflow server` on 127.0.0.1 with an SQLite backend; stopped by its PID (process group)."""
+
+    def __init__(self, root: Path, port: int) -> None:
+        self.root, self.port, self.proc = root, port, None
+        self.uri = f"http://127.0.0.1:{port}"
+
+    def start(self) -> Server:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
+             "--artifacts-destination", str(self.root / "server-artifacts"), "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", "1"],
+            cwd=self.root, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError("mlflow server did not answer /health within 90 s")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+        self.proc = None
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _the_run(client):
+    exp = client.get_experiment_by_name("dpmix-dist")
+    (run,) = client.search_runs([exp.experiment_id])
+    return run
+
+
+# --------------------------------------------------------------------------------------------- SQLite store
+
+
+@pytest.fixture(scope="module")
+def sqlite_run(data, tmp_path_factory):
+    priv, _ = data
+    cwd = tmp_path_factory.mktemp("cwd")
+    proc = _finetune(cwd, priv, cwd / "run", "run.eval_every_epochs=0.5")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cwd, proc
+
+
+def test_default_store_is_sqlite_in_the_working_folder(sqlite_run):
+    cwd, proc = sqlite_run
+    assert (cwd / "mlflow.db").is_file() and (cwd / "mlartifacts").is_dir()
+    assert "registered models:/tiny-fmnist/1" in proc.stdout
+
+
+def test_params_tags_metrics_and_artifacts(sqlite_run):
+    cwd, _ = sqlite_run
+    client = _client(f"sqlite:///{cwd / 'mlflow.db'}")
+    run = _the_run(client)
+    summary = json.loads((cwd / "run" / "summary.json").read_text())
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["privacy.target_epsilon"] == "8.0" and params["model.name"] == "test_efficientnet"
+    assert params["augment.method"] == "dpsgd" and "performance.micro_batch_size" in params
+    tags = run.data.tags
+    assert float(tags["dp.epsilon"]) == pytest.approx(summary["epsilon"], rel=1e-5)
+    assert float(tags["dp.noise_multiplier"]) == pytest.approx(summary["noise_multiplier"], rel=1e-5)
+    assert tags["dp.delta"] == "0.001" and tags["dp.accountant"] == "rdp" and tags["dp.steps"] == str(summary["steps"])
+    assert float(tags["dp.sample_rate"]) == pytest.approx(summary["sample_rate"]) and tags["dp.max_grad_norm"] == "1"
+    assert tags["augment.method"] == "dpsgd" and tags["model"] == "test_efficientnet"
+    assert tags["dataset"] == "fashion_mnist" and tags["world_size"] == "1" and tags["code_version"]
+    history = summary["history"]
+    assert len(history) >= 4
+    for key in ("test_accuracy", "epsilon", "train_loss"):
+        logged = client.get_metric_history(run.info.run_id, key)
+        assert [m.step for m in logged] == [h["step"] for h in history], key
+        assert [m.value for m in logged] == pytest.approx([h[key] for h in history]), key
+    eps = [m.value for m in client.get_metric_history(run.info.run_id, "epsilon")]
+    assert eps == sorted(eps) and eps[-1] <= 8.0
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "summary.json", "accuracy_vs_epsilon.png"} <= names
+    local = client.download_artifacts(run.info.run_id, "summary.json", str(cwd / "dl"))
+    assert json.loads(Path(local).read_text())["epsilon"] == summary["epsilon"]
+
+
+def test_registered_model_carries_the_guarantee_and_reproduces_the_logits(sqlite_run, data):
+    import mlflow
+    import mlflow.pytorch
+
+    from dpmix_dist.config import load_config
+    from dpmix_dist.data.shards import load_split
+    from dpmix_dist.data.transforms import to_model_input
+    from dpmix_dist.models import build_dp_model
+
+    cwd, _ = sqlite_run
+    _, pub = data
+    uri = f"sqlite:///{cwd / 'mlflow.db'}"
+    client = _client(uri)
+    summary = json.loads((cwd / "run" / "summary.json").read_text())
+    version = client.get_model_version("tiny-fmnist", "1")
+    assert float(version.tags["dp.epsilon"]) == pytest.approx(summary["epsilon"], rel=1e-5)
+    assert version.tags["dp.delta"] == "0.001" and version.tags["dp.accountant"] == "rdp"
+    assert version.tags["dataset"] == "fashion_mnist" and version.tags["augment.method"] == "dpsgd"
+    assert "-DP (rdp accountant) on fashion_mnist" in version.description and "dpsgd" in version.description
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    loaded = mlflow.pytorch.load_model("models:/tiny-fmnist/1").eval()
+    cfg = load_config("tiny_test")
+    saved = build_dp_model(cfg.model.name, "none", 10, norm=cfg.model.norm, trainable=cfg.model.trainable,
+                           num_trainable_blocks=cfg.model.num_trainable_blocks, image_size=32).model  # fmt: skip
+    saved.load_state_dict(load_file(cwd / "run" / "model.safetensors"))
+    saved.eval()
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), saved(x), atol=1e-6)
+        assert loaded(x).abs().sum() > 0
+    # the signature's input example is a PUBLIC image (the public part of the split), not a private one
+    from mlflow.models import Model
+
+    local = mlflow.artifacts.download_artifacts("models:/tiny-fmnist/1", dst_path=str(cwd / "model_dl"))
+    example = np.asarray(Model.load(local).load_input_example(local))
+    public = load_split(pub, "train", cwd / "cache")
+    data_cfg = saved.pretrained_cfg
+    expected = to_model_input(public.images[:1], 32, data_cfg["mean"], data_cfg["std"]).numpy()
+    assert np.allclose(example, expected, atol=1e-6)
+
+
+def test_no_seed_anywhere_in_the_tracker(sqlite_run):
+    cwd, proc = sqlite_run
+    client = _client(f"sqlite:///{cwd / 'mlflow.db'}")
+    run = _the_run(client)
+    everything = [run.info.run_name, *run.data.params.keys(), *run.data.params.values(), *run.data.tags.keys(),
+                  *run.data.tags.values(), *map(str, run.data.metrics.values())]  # fmt: skip
+    for key in run.data.metrics:
+        everything += [str(m.value) for m in client.get_metric_history(run.info.run_id, key)]
+    for mv in client.search_model_versions("name='tiny-fmnist'"):
+        everything += [mv.description or "", *mv.tags.values()]
+    assert everything and not any(SEED in item for item in everything)
+    for path in (cwd / "mlartifacts").rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".yaml", ".txt", ".jsonl", ""):
+            assert SEED not in path.read_text(errors="ignore"), path
+    assert SEED not in (cwd / "run" / "metrics.jsonl").read_text()
+    assert SEED not in proc.stdout
+
+
+def test_bad_tracking_uri_fails_before_any_work(data, tmp_path):
+    priv, _ = data
+    for uri, message in (("htp://127.0.0.1:5000", "no supported scheme"),
+                         (f"sqlite:///{tmp_path}/missing/x.db", "does not exist")):  # fmt: skip
+        proc = _finetune(tmp_path, priv, tmp_path / "run", f"tracking.uri={uri}")
+        assert proc.returncode == 2
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and "tracking.uri" in lines[0] and message in lines[0]
+        assert not (tmp_path / "run").exists()
+
+
+def test_unreachable_server_training_goes_on_and_says_what_was_not_sent(data, tmp_path):
+    priv, _ = data
+    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    proc = _finetune(tmp_path, priv, tmp_path / "run", f"tracking.uri={uri}", "tracking.flush_timeout_s=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "unreachable" in proc.stderr and "could not send" in proc.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    journal = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in journal] == [h["step"] for h in summary["history"]]
+    assert [r["test_accuracy"] for r in journal] == [h["test_accuracy"] for h in summary["history"]]
+
+
+# --------------------------------------------------------------------------------------------- a real server
+
+
+def test_server_stopped_mid_run_and_restarted_loses_no_metric(data, tmp_path):
+    priv, _ = data
+    server = Server(tmp_path, _free_port()).start()
+    try:
+        out = tmp_path / "run"
+        proc = _finetune(tmp_path, priv, out, f"tracking.uri={server.uri}", "privacy.epochs=16",
+                         "run.eval_every_epochs=0.5", "tracking.flush_timeout_s=120", popen=True)  # fmt: skip
+        journal = out / "metrics.jsonl"
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if journal.is_file() and len(journal.read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the run ended before the server could be stopped"
+        server.stop()  # the server goes away mid-run ...
+        stopped_at = len(journal.read_text().splitlines())
+        while time.time() < deadline and proc.poll() is None and len(journal.read_text().splitlines()) < stopped_at + 3:
+            time.sleep(0.1)
+        server.start()  # ... and comes back on the same port with the same store
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr[-3000:]
+        assert "unreachable" in stderr and "answers again" in stderr and "could not send" not in stderr
+        client = _client(server.uri)
+        run = _the_run(client)
+        summary = json.loads((out / "summary.json").read_text())
+        logged = client.get_metric_history(run.info.run_id, "test_accuracy")
+        assert len(summary["history"]) >= stopped_at + 3
+        assert [m.step for m in logged] == [h["step"] for h in summary["history"]]
+        assert [m.value for m in logged] == pytest.approx([h["test_accuracy"] for h in summary["history"]])
+        assert run.info.status == "FINISHED"
+        assert client.get_model_version("tiny-fmnist", "1").tags["dp.accountant"] == "rdp"
+    finally:
+        server.stop()
