@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -102,7 +104,11 @@ def run_finetune(args: argparse.Namespace) -> int:
         dist.close()
         return 130
     if tracker is not None:
-        _finish_tracker(tracker, config, trainer, summary, dist.world_size)
+        with _signals_deferred() as received:  # the run is finished: Ctrl-C now would only lose its record
+            _finish_tracker(tracker, config, trainer, summary, dist.world_size)
+        if received:
+            print("stop signal received while logging the finished run to MLflow; the record was completed first",
+                  file=sys.stderr)
     if dist.is_main:
         short = {k: v for k, v in summary.items() if k != "history"}
         print(json.dumps(short, indent=2))
@@ -110,6 +116,18 @@ def run_finetune(args: argparse.Namespace) -> int:
               f"ε={summary['epsilon']:.3f}, δ={summary['delta']:g}; outputs in {output_dir}")
     dist.close()
     return 0
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGINT/SIGTERM (record them) for the duration of the block."""
+    received: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _start_tracker(config, trainer, output_dir: Path, args: argparse.Namespace, world_size: int):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -275,3 +276,48 @@ def test_server_stopped_mid_run_and_restarted_loses_no_metric(data, tmp_path):
         assert client.get_model_version("tiny-fmnist", "1").tags["dp.accountant"] == "rdp"
     finally:
         server.stop()
+
+
+# --------------------------------------------------------------------------------------------- sweeps
+
+
+def test_sweep_nested_runs_interrupted_and_restarted(data, tmp_path):
+    priv, _ = data
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, str(REPO / "launch/sweep.py"), "--config", "tiny_test", "--epsilons", "2,8", "--seeds", "0,1",
+           "--output-dir", str(out), f"data.root={priv}", f"data.cache_dir={tmp_path / 'cache'}",
+           "tracking.enabled=true"]  # fmt: skip
+    first = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and first.poll() is None and not (out / "dpsgd-eps2-rep0" / "summary.json").is_file():
+        time.sleep(0.1)
+    assert first.poll() is None, "the sweep ended before it could be interrupted"
+    time.sleep(3)  # into the second combination
+    os.killpg(first.pid, signal.SIGINT)  # Ctrl-C reaches the sweep and its run
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 130, err[-2000:]
+    assert "run the same command again" in err
+    second = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "skipping 1 finished combination(s)" in second.stdout
+
+    client = _client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("dpmix-dist")
+    runs = client.search_runs([exp.experiment_id])
+    (parent,) = [r for r in runs if r.info.run_name == "sweep-tiny_test"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    finished = [r for r in children if r.info.status == "FINISHED"]
+    assert sorted(r.info.run_name for r in finished) == ["dpsgd-eps2-rep0", "dpsgd-eps2-rep1", "dpsgd-eps8-rep0",
+                                                         "dpsgd-eps8-rep1"]  # fmt: skip
+    assert parent.info.status == "FINISHED"
+    names = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"results.csv", "results.md", "accuracy_vs_epsilon.png"} <= names
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 4 and {r["target_epsilon"] for r in rows} == {"2.0", "8.0"}
+    for r in rows:
+        assert float(r["epsilon_spent"]) <= float(r["target_epsilon"])
+        summary = json.loads((out / f"dpsgd-eps{float(r['target_epsilon']):g}-rep{r['replicate']}" / "summary.json").read_text())
+        assert float(r["test_accuracy"]) == pytest.approx(summary["test_accuracy"])
+    table = (out / "results.md").read_text()
+    assert "| dpsgd |" in table and "(n=2)" in table and "ε = 2" in table and "ε = 8" in table
