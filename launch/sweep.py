@@ -213,8 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     table_csv, table_md, series = _table(rows)
     (out / "results.csv").write_text(table_csv)
     (out / "results.md").write_text(table_md)
+    shown = [o for o in args.overrides if not o.startswith(("tracking.", "run.", "performance.", "data.root", "data.cache"))]
     _plot(series, out / "accuracy_vs_epsilon.png",
-          f"{Path(args.config).stem} ({len(args.seeds)} replicate(s)) {' '.join(args.overrides)}"[:90])
+          f"{Path(args.config).stem} ({len(args.seeds)} replicate(s)) {' '.join(shown)}"[:80])
     for name in ("results.csv", "results.md", "accuracy_vs_epsilon.png"):
         client.log_artifact(parent_id, str(out / name))
     client.set_terminated(parent_id, status="FINISHED")
