@@ -101,6 +101,18 @@ def accuracy_plot(history: list[dict], path: Path, title: str) -> Path:
     return path
 
 
+def experiment_id(client, uri: str, name: str) -> str:
+    """The experiment's id, creating it if needed; with an SQLite store its artifacts go beside the database
+    file (mlartifacts/), not into whatever folder the process happens to run in."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri[len("sqlite:///") :]).resolve().parent / "mlartifacts").as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
 def _transient_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean 'the tracking server is away or failing now', as opposed to a bug in our calls."""
     import requests
@@ -165,15 +177,7 @@ class Tracker:
 
     def start(self, config: Config, tags: dict[str, str], run_name: str, resume_run_id: str | None = None) -> None:
         def experiment() -> None:
-            name = self.cfg.experiment
-            found = self.client.get_experiment_by_name(name)
-            if found is not None:
-                self.experiment_id = found.experiment_id
-                return
-            location = None
-            if self.uri.startswith("sqlite:///"):  # artifacts in a folder beside the database file
-                location = (Path(self.uri[len("sqlite:///") :]).resolve().parent / "mlartifacts").as_uri()
-            self.experiment_id = self.client.create_experiment(name, artifact_location=location)
+            self.experiment_id = experiment_id(self.client, self.uri, self.cfg.experiment)
 
         def create() -> None:
             if resume_run_id:

@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
-        from dpmix_dist.tracking import check_uri, resolve_uri
+        from dpmix_dist.tracking import check_uri, experiment_id, resolve_uri
 
         uri = resolve_uri(config.tracking)
         check_uri(uri)
@@ -149,14 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         out.mkdir(parents=True, exist_ok=True)
         try:
-            exp = client.get_experiment_by_name(config.tracking.experiment)
-            if exp is None:
-                location = None
-                if uri.startswith("sqlite:///"):
-                    location = (Path(uri[len("sqlite:///") :]).resolve().parent / "mlartifacts").as_uri()
-                exp_id = client.create_experiment(config.tracking.experiment, artifact_location=location)
-            else:
-                exp_id = exp.experiment_id
+            exp_id = experiment_id(client, uri, config.tracking.experiment)
             parent = client.create_run(exp_id, run_name=f"sweep-{Path(args.config).stem}", tags={
                 "sweep.config": Path(args.config).stem, "sweep.epsilons": ",".join(f"{e:g}" for e in args.epsilons),
                 "sweep.methods": ",".join(sorted({c["method"] for c in combos})),
