@@ -223,5 +223,8 @@ def _terminate(signum, frame):  # SIGTERM (a preempted job) behaves like Ctrl-C
 
 
 if __name__ == "__main__":
+    # Explicitly, for both: a process started in the background of a shell inherits SIGINT *ignored*, and Python
+    # then never turns Ctrl-C into KeyboardInterrupt; the sweep would run on after its current run stopped.
+    signal.signal(signal.SIGINT, _terminate)
     signal.signal(signal.SIGTERM, _terminate)
     sys.exit(main())
