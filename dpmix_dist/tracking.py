@@ -11,6 +11,7 @@ held-out data, and the model signature's input example comes from public (or syn
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -68,6 +69,7 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+@functools.cache  # asked at the start and the end of a run; git need not run twice
 def code_version() -> str:
     try:
         out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True, timeout=5)

@@ -19,6 +19,7 @@ import io
 import json
 import os
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -172,8 +173,6 @@ def main(argv: list[str] | None = None) -> int:
             continue
         resume = (run_dir / "checkpoint.pt").is_file()
         if run_dir.exists() and not resume:  # a run that died before its first checkpoint: start it again
-            import shutil
-
             shutil.rmtree(run_dir)
         cmd = [*launcher, str(REPO / "launch/finetune.py"), "--config", args.config, "--output-dir", str(run_dir),
                *args.overrides, f"privacy.target_epsilon={combo['epsilon']}", f"augment.method={combo['method']}",

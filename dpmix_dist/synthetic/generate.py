@@ -27,7 +27,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from dpmix_dist.data.shards import FORMAT_VERSION, METADATA, _all_shards, _sha256, read_metadata
+from dpmix_dist.data.shards import FORMAT_VERSION, METADATA, _all_shards, _png, _sha256, read_metadata
 from dpmix_dist.errors import ConfigError, DataError, ModelError
 from dpmix_dist.synthetic.config import GenerateConfig, GeneratorConfig
 
@@ -68,12 +68,6 @@ def _settings(cfg: GenerateConfig, classes: tuple[str, ...]) -> dict:
     out = dataclasses.asdict(cfg.output)
     out.pop("dir")
     return json.loads(json.dumps({"generator": gen, "classes": list(classes), "output": out}))  # as stored (lists)
-
-
-def _png(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
 
 
 def resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
