@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import signal
 import sys
 import time
@@ -87,8 +88,11 @@ def run_finetune(args: argparse.Namespace) -> int:
         if config.tracking.enabled:
             tracker = _start_tracker(config, trainer, output_dir, args, dist.world_size)
         g = trainer.guarantee
+        if not g.private:
+            print("WARNING: privacy.enabled=false: NON-PRIVATE fine-tuning (no clipping, no noise, ε = ∞), a ceiling "
+                  "for comparisons. Never publish this model as private.", file=sys.stderr, flush=True)  # fmt: skip
         print(
-            f"DP-SGD: target ε={config.privacy.target_epsilon:g} at δ={g.delta:g} ({g.accountant}); σ={g.noise_multiplier:.4f}, "
+            f"{'DP-SGD' if g.private else 'non-private SGD'}: target ε={config.privacy.target_epsilon:g} at δ={g.delta:g} ({g.accountant}); σ={g.noise_multiplier:.4f}, "
             f"q={g.sample_rate:.5f}, {g.steps} steps, C={g.max_grad_norm:g}, world size {dist.world_size}, "
             f"{sum(p.numel() for p in trainer.params.values()):,} trainable parameters",
             flush=True,
@@ -150,7 +154,9 @@ def _start_tracker(config, trainer, output_dir: Path, args: argparse.Namespace, 
     tracker.start(config, tags, name, resume_run_id=resume_id)
 
     def on_eval(record: dict) -> None:
-        metrics = {"test_accuracy": record["test_accuracy"], "epsilon": record["epsilon"]}
+        metrics = {"test_accuracy": record["test_accuracy"]}
+        if math.isfinite(record["epsilon"]):  # a non-private run has no ε to plot
+            metrics["epsilon"] = record["epsilon"]
         if config.tracking.log_train_loss and record["train_loss"] == record["train_loss"]:  # not NaN
             metrics["train_loss"] = record["train_loss"]
         tracker.log_metrics(record["step"], metrics)

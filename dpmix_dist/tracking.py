@@ -92,8 +92,9 @@ def accuracy_plot(history: list[dict], path: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
-    ax.plot([h["epsilon"] for h in history], [100 * h["test_accuracy"] for h in history], marker="o")
-    ax.set_xlabel("ε spent")
+    private = all(math.isfinite(h["epsilon"]) for h in history)  # else the non-private ceiling: against steps
+    ax.plot([h["epsilon" if private else "step"] for h in history], [100 * h["test_accuracy"] for h in history], marker="o")
+    ax.set_xlabel("ε spent" if private else "step (non-private: ε = ∞)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
@@ -264,9 +265,10 @@ class Tracker:
             from mlflow.entities import Metric
 
             stamp = int(time.time() * 1000)
-            self.client.log_batch(self.run_id, metrics=[
-                Metric("final_test_accuracy", float(summary["test_accuracy"]), stamp, summary["steps"]),
-                Metric("final_epsilon", float(summary["epsilon"]), stamp, summary["steps"])])  # fmt: skip
+            metrics = [Metric("final_test_accuracy", float(summary["test_accuracy"]), stamp, summary["steps"])]
+            if math.isfinite(summary["epsilon"]):  # infinite for the non-private ceiling
+                metrics.append(Metric("final_epsilon", float(summary["epsilon"]), stamp, summary["steps"]))
+            self.client.log_batch(self.run_id, metrics=metrics)
 
         def end() -> None:
             self.client.set_terminated(self.run_id, status="FINISHED")
@@ -305,6 +307,7 @@ def guarantee_tags(summary_or_guarantee: dict, config: Config, dataset: str, wor
         "dp.sample_rate": f"{g['sample_rate']:.6g}",
         "dp.steps": str(g["steps"]),
         "dp.accountant": g["accountant"],
+        "dp.private": str(math.isfinite(g["epsilon"])).lower(),
         "augment.method": config.augment.method,
         "model": config.model.name,
         "dataset": dataset,

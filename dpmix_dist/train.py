@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from torch.func import functional_call
 from tqdm import tqdm
 
+from dpmix_dist.augment import GroupBuilder
 from dpmix_dist.config import Config, ConfigError, check_against_dataset, config_to_dict
 from dpmix_dist.data.shards import load_split, read_metadata
 from dpmix_dist.data.store import ExampleStore
@@ -50,8 +51,14 @@ class Guarantee:
     max_grad_norm: float
     expected_batch_size: int
 
+    @property
+    def private(self) -> bool:
+        return self.accountant != "none"
+
     def epsilon(self, steps: int | None = None) -> float:
         steps = self.steps if steps is None else steps
+        if not self.private:
+            return math.inf
         return accounting.epsilon_spent(self.noise_multiplier, self.sample_rate, steps, self.delta, self.accountant)
 
 
@@ -60,6 +67,8 @@ def plan_guarantee(config: Config, num_train: int) -> Guarantee:
     p = config.privacy
     sample_rate = p.expected_batch_size / num_train  # the sampler and the accountant share this value
     steps = accounting.planned_steps(p.epochs, sample_rate)
+    if not p.enabled:  # the non-private ceiling: same batches and steps, C = ∞ (no clipping), σ = 0 (no noise)
+        return Guarantee(0.0, sample_rate, steps, p.target_delta, "none", math.inf, p.expected_batch_size)
     if p.noise_multiplier is None:
         sigma = accounting.calibrate_noise_multiplier(p.target_epsilon, p.target_delta, sample_rate, steps, p.accountant)
     else:
@@ -140,6 +149,8 @@ class Trainer:
             trainable=m.trainable, num_trainable_blocks=m.num_trainable_blocks, image_size=config.data.image_size,
         )  # fmt: skip
         self.dp_model.model.to(dist.device)
+        if config.performance.channels_last:
+            self.dp_model.model.to(memory_format=torch.channels_last)
         self.params = self.dp_model.trainable_params()
         cfg = self.dp_model.model.pretrained_cfg
         self._mean, self._std = tuple(cfg.get("mean", (0.5,) * 3)), tuple(cfg.get("std", (0.5,) * 3))
@@ -174,6 +185,7 @@ class Trainer:
         self.history: list[dict] = []
         self.on_eval = None  # main process: called with each history record (e.g. the MLflow tracker)
         self._loss_acc = [0.0, 0]  # this rank's group-loss sum and count since the last evaluation
+        self.groups = self._group_builder()
         # Decoding shards and caching features happen here, so a corrupt shard fails before any output is written.
         self.train_store = self._store("train", "caching train features")
         self.test_store = self._store("test", "caching test features")
@@ -196,14 +208,31 @@ class Trainer:
         return self._to_input(image).cpu()
 
     def _to_input(self, images) -> torch.Tensor:
-        return to_model_input(images, self.config.data.image_size, self._mean, self._std, self.dist.device)
+        x = to_model_input(images, self.config.data.image_size, self._mean, self._std, self.dist.device)
+        return x.contiguous(memory_format=torch.channels_last) if self.config.performance.channels_last else x
+
+    def _group_builder(self) -> GroupBuilder | None:
+        """The DP-Mix group builder (None for dpsgd), with the synthetic set checked and decoded for dpmix_diff."""
+        a = self.config.augment
+        if a.method == "dpsgd":
+            return None
+        synthetic = None
+        if a.method == "dpmix_diff":
+            check_synthetic(a.synthetic_root, self.metadata, self.config.data.root)
+            with self.dist.local_main_first():
+                synthetic = load_split(a.synthetic_root, "train", self.config.data.cache_dir)
+            if len(synthetic) < a.num_synthetic:
+                raise DataError(f"augment.num_synthetic={a.num_synthetic} is more than the {len(synthetic)} images "
+                                f"in {a.synthetic_root}; lower it or generate more")  # fmt: skip
+        return GroupBuilder(a, self.metadata["num_classes"], self._to_input, synthetic)
 
     def _store(self, split: str, desc: str) -> ExampleStore:
         with self.dist.local_main_first():  # the node's first process decodes the shards; the others reuse it
             data = load_split(self.config.data.root, split, self.config.data.cache_dir)
         owned = owned_indices(len(data), self.dist.rank, self.dist.world_size)
         perf = self.config.performance
-        caching = perf.cache_frozen_features and self.config.augment.method == "dpsgd"
+        # Test images are never augmented; training images are, except under dpsgd.
+        caching = perf.cache_frozen_features and (split == "test" or self.config.augment.method == "dpsgd")
         if caching and len(owned):
             with torch.no_grad():
                 per_example = self.dp_model.split.prefix(self._to_input(data.images[:1])).numel() * 4
@@ -234,6 +263,20 @@ class Trainer:
                 raise ConfigError(f"performance.engine=layerwise: {exc}; use auto or functorch") from None
             return None
 
+    def _groups(self, store: ExampleStore, chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs to the trainable tail (b, G, ...) and targets (b, G) or (b, G, classes) for these examples."""
+        if self.groups is None:  # dpsgd: one unaugmented view per example (features maybe cached)
+            return store.features(chunk).unsqueeze(1), store.labels(chunk).to(self.dist.device).unsqueeze(1)
+        draws = self.groups.draws(self._secret_seed, self.step, chunk)
+        members, targets = self.groups.build(draws, store.split.images[chunk.numpy()], store.labels(chunk))
+        b, g = members.shape[:2]
+        flat = members.flatten(0, 1)
+        if self.config.performance.channels_last:
+            flat = flat.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            features = self.dp_model.split.prefix(flat)
+        return features.unflatten(0, (b, g)), targets
+
     def _forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.dp_model.tail_module, params, (x,))
 
@@ -246,8 +289,7 @@ class Trainer:
         self.mechanism.begin_step(self.step)
         loss_sum = 0.0
         for chunk in sampled.split(self.config.performance.micro_batch_size):
-            inputs = store.features(chunk).unsqueeze(1)  # (b, K=1, ...): one group per example
-            targets = store.labels(chunk).to(self.dist.device).unsqueeze(1)
+            inputs, targets = self._groups(store, chunk)
             if self.engine is not None:
                 summed, losses = self.engine.clipped_sum(inputs, targets, self.guarantee.max_grad_norm, self._autocast)
                 self.mechanism.accumulate_clipped_sum(summed)
@@ -324,7 +366,7 @@ class Trainer:
     def _finish(self, accuracy: float, seconds: float) -> dict:
         g = self.guarantee
         final_epsilon = g.epsilon(self.step)
-        if final_epsilon > self.config.privacy.target_epsilon:  # cannot happen by construction; never publish it
+        if g.private and final_epsilon > self.config.privacy.target_epsilon:  # cannot happen by construction; never publish it
             raise RuntimeError(f"spent ε={final_epsilon} > target {self.config.privacy.target_epsilon}")
         summary = {
             "test_accuracy": accuracy,
@@ -339,7 +381,11 @@ class Trainer:
             "world_size": self.dist.world_size,
             "device": self.dist.device.type,
             "method": self.config.augment.method,
+            "private": g.private,
             "num_views": self.config.augment.num_views,
+            "num_mixes": self.config.augment.num_mixes,
+            "num_synthetic": self.config.augment.num_synthetic,
+            "group_size": self.groups.group_size if self.groups is not None else 1,
             "model": self.config.model.name,
             "dataset": self.metadata["name"],
             "num_train_examples": self.num_train,
@@ -399,6 +445,29 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.history = state["step"], state["history"]
         self.mechanism.resume_after(self.step - 1)
+
+
+def check_synthetic(root: str, private_metadata: dict, private_root: str) -> dict:
+    """The synthetic folder's metadata, if it is one: written by launch/generate.py, same classes in the same
+    order as the private data, from a generator that did not train on the private data. Else a DataError."""
+    meta = read_metadata(root)
+    record = meta.get("synthetic")
+    if not record:
+        raise DataError(f"augment.synthetic_root: {root} is not a synthetic set (no 'synthetic' record in its "
+                        "metadata.json); DP-Mix_Diff may only mix public images. Write one with launch/generate.py")  # fmt: skip
+    if meta["classes"] != private_metadata["classes"]:
+        raise DataError(f"augment.synthetic_root: {root} has classes {meta['classes']}, the private data "
+                        f"{private_metadata['classes']}; generate with the private data's class list, in its order")  # fmt: skip
+    trained_on = (record.get("generator_info") or {}).get("trained_on") or {}
+    split = trained_on.get("split") or {}
+    private_split = private_metadata.get("split") or {}
+    saw_private = split.get("role") == "private" or (
+        trained_on.get("root") and Path(trained_on["root"]).resolve() == Path(private_root).resolve()
+    ) or (split.get("public_indices_sha256") and split.get("public_indices_sha256") == private_split.get("private_indices_sha256"))
+    if saw_private:
+        raise DataError(f"augment.synthetic_root: {root} comes from a generator trained on the private data "
+                        f"({trained_on.get('root')}); train it on the public part (launch/train_diffusion.py)")  # fmt: skip
+    return meta
 
 
 def _mechanism_sections(config: Config) -> dict:

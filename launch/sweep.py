@@ -3,6 +3,11 @@
     python launch/sweep.py --config fmnist_effnet_lite0 --epsilons 1,2,4,8
     python launch/sweep.py --config fmnist_effnet_lite0 --epsilons 1,2,8 --methods dpsgd --seeds 0,1 data.image_size=32
     python launch/sweep.py --config NAME --epsilons 1,8 --launcher "accelerate launch --config_file configs/accelerate/gpu_8.yaml"
+    python launch/sweep.py --config fmnist_effnet_lite0 --epsilons 1,2,8 --methods dpsgd,self_aug --non-private dpsgd \
+        self_aug:augment.num_views=3      # METHOD:KEY=VALUE applies to that method's runs only
+
+`--non-private METHODS` adds one run per replicate of each of those methods with privacy.enabled=false (no
+clipping, no noise: the ceiling), shown as the "non-private" column and as dashed lines in the plot.
 
 Each combination is `launch/finetune.py` with privacy.target_epsilon, augment.method and its own output folder
 (OUTPUT/METHOD-epsE-repR). `--seeds` are replicate labels, not seeds: every run draws its own secret seed.
@@ -17,6 +22,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import os
 import shlex
 import shutil
@@ -53,11 +59,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="configs/NAME(.yaml) or a path (the base of every run)")
     parser.add_argument("--epsilons", type=_floats, required=True, help="target ε values, e.g. 1,2,4,8")
     parser.add_argument("--methods", type=_names, default=None, help="augment.method values (default: the config's)")
+    parser.add_argument("--non-private", type=_names, default=[], metavar="METHODS",
+                        help="also run these methods without privacy (the ceiling), once per replicate")
     parser.add_argument("--seeds", type=_names, default=["0"], help="replicate labels, e.g. 0,1,2 (not seeds)")
     parser.add_argument("--output-dir", type=Path, default=None, help="default: runs/sweep-CONFIG")
     parser.add_argument("--launcher", default="",
                         help="command prefix for each run, e.g. 'accelerate launch --config_file ...' (default: this python)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides for every run")
+    parser.add_argument("overrides", nargs="*", metavar="[METHOD:]KEY=VALUE",
+                        help="dotted overrides for every run, or only for METHOD's runs")
     args = parser.parse_args(argv)
     if args.output_dir is None:
         args.output_dir = Path("runs") / f"sweep-{Path(args.config).stem}"
@@ -66,8 +75,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _combinations(args: argparse.Namespace, default_method: str) -> list[dict]:
     methods = args.methods or [default_method]
-    return [{"method": m, "epsilon": e, "replicate": r, "name": f"{m}-eps{e:g}-rep{r}"}
-            for m in methods for e in args.epsilons for r in args.seeds]  # fmt: skip
+    private = [{"method": m, "epsilon": e, "replicate": r, "name": f"{m}-eps{e:g}-rep{r}"}
+               for m in methods for e in args.epsilons for r in args.seeds]  # fmt: skip
+    return private + [{"method": m, "epsilon": math.inf, "replicate": r, "name": f"{m}-nonprivate-rep{r}"}
+                      for m in args.non_private for r in args.seeds]  # fmt: skip
+
+
+def _split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """Common KEY=VALUE overrides, and METHOD:KEY=VALUE ones by method."""
+    common, scoped = [], {}
+    for item in overrides:
+        head, _, rest = item.partition(":")
+        if rest and "=" not in head:
+            scoped.setdefault(head, []).append(rest)
+        else:
+            common.append(item)
+    return common, scoped
+
+
+def _run_overrides(common: list[str], scoped: dict[str, list[str]], combo: dict) -> list[str]:
+    if math.isinf(combo["epsilon"]):
+        privacy = ["privacy.enabled=false"]
+    else:
+        privacy = [f"privacy.target_epsilon={combo['epsilon']}"]
+    return [*common, f"augment.method={combo['method']}", *scoped.get(combo["method"], []), *privacy]
 
 
 def _table(rows: list[dict]) -> tuple[str, str, dict]:
@@ -81,7 +112,7 @@ def _table(rows: list[dict]) -> tuple[str, str, dict]:
     methods = sorted({r["method"] for r in rows})
     epsilons = sorted({r["target_epsilon"] for r in rows})
     series: dict[str, list[tuple[float, float, float, int]]] = {}
-    lines = ["| method | " + " | ".join(f"ε = {e:g}" for e in epsilons) + " |",
+    lines = ["| method | " + " | ".join("non-private" if math.isinf(e) else f"ε = {e:g}" for e in epsilons) + " |",
              "|---|" + "---|" * len(epsilons)]  # fmt: skip
     for method in methods:
         cells = []
@@ -105,9 +136,14 @@ def _plot(series: dict, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
-    for method, points in sorted(series.items()):
-        eps, mean, std, _ = zip(*points)
-        ax.errorbar(eps, mean, yerr=std, marker="o", capsize=3, label=method)
+    for i, (method, points) in enumerate(sorted(series.items())):
+        color = f"C{i}"
+        finite = [p for p in points if math.isfinite(p[0])]
+        if finite:
+            eps, mean, std, _ = zip(*finite)
+            ax.errorbar(eps, mean, yerr=std, marker="o", capsize=3, label=method, color=color)
+        for _, mean, _, _ in (p for p in points if not math.isfinite(p[0])):  # the non-private ceiling
+            ax.axhline(mean, linestyle="--", color=color, label=f"{method}, non-private")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("ε (target; δ fixed)")
     ax.set_ylabel("final test accuracy (%)")
@@ -122,7 +158,7 @@ def _plot(series: dict, path: Path, title: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config, [o for o in args.overrides if ":" not in o.split("=", 1)[0]])
         from dpmix_dist.tracking import check_uri, experiment_id, resolve_uri
 
         uri = resolve_uri(config.tracking)
@@ -130,7 +166,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    common, scoped = _split_overrides(args.overrides)
     combos = _combinations(args, config.augment.method)
+    try:  # every run's settings, checked before the first run starts
+        unknown = sorted(set(scoped) - {c["method"] for c in combos})
+        if unknown:
+            raise ConfigError(f"overrides for {', '.join(unknown)}, which this sweep does not run (--methods / --non-private)")
+        kinds = {(c["method"], math.isinf(c["epsilon"])): c for c in combos}
+        for combo in kinds.values():
+            load_config(args.config, _run_overrides(common, scoped, combo))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     out = args.output_dir
     state_path = out / "sweep.json"
     request = {"config": args.config, "overrides": args.overrides, "combinations": [c["name"] for c in combos],
@@ -175,8 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         if run_dir.exists() and not resume:  # a run that died before its first checkpoint: start it again
             shutil.rmtree(run_dir)
         cmd = [*launcher, str(REPO / "launch/finetune.py"), "--config", args.config, "--output-dir", str(run_dir),
-               *args.overrides, f"privacy.target_epsilon={combo['epsilon']}", f"augment.method={combo['method']}",
-               f"tracking.uri={uri}", f"tracking.parent_run_id={parent_id}", f"tracking.run_name={combo['name']}",
+               *_run_overrides(common, scoped, combo), f"tracking.uri={uri}", f"tracking.parent_run_id={parent_id}", f"tracking.run_name={combo['name']}",
                *(["--resume"] if resume else [])]  # fmt: skip
         print(f"[{i}/{len(combos)}] {combo['name']}{' (resuming)' if resume else ''}", flush=True)
         proc = subprocess.Popen(cmd)

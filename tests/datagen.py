@@ -141,3 +141,21 @@ def make_tiny_text2image_pipeline(folder: Path) -> Path:
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)  # fmt: skip
     pipe.save_pretrained(folder)
     return folder
+
+
+def make_synthetic_folder(root: Path, classes: list[str], per_class: int = 20, size: int = 28, channels: int = 1,
+                          seed: int = 7, trained_on: dict | None = None) -> Path:
+    """A synthetic-image folder in the format launch/generate.py writes (shards + metadata with a 'synthetic'
+    record), filled with class-pattern images: stands in for a diffusion generator's output in trainer tests."""
+    from dpmix_dist.data.shards import write_dataset
+    from dpmix_dist.data.sources import RawDataset, RawSplit
+
+    labels = np.repeat(np.arange(len(classes)), per_class)
+    images = class_images(labels, size, channels, seed)
+    record = {"generator": "tests/datagen", "kind": "class_conditional", "base_seed": seed,
+              "per_class_counts": {c: per_class for c in classes},
+              "generator_info": {"trained_on": trained_on} if trained_on else None,
+              "public": "images of a generator that never saw the private data"}
+    dataset = RawDataset(f"synthetic:{root.name}", tuple(classes), {"train": RawSplit(images, labels.astype(np.int64))},
+                         "tests/datagen")
+    return write_dataset(dataset, root, extra={"synthetic": record})

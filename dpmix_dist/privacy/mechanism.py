@@ -103,9 +103,11 @@ class PrivateGradient:
         ranks_seen = int(round(buffer[-1].item()))
         if ranks_seen != self.world_size:
             raise RuntimeError(f"all-reduce counted {ranks_seen} ranks, expected {self.world_size}")
+        self._last_finished_step = step
+        if self.noise_multiplier == 0:  # only the non-private ceiling (privacy.enabled=false) gets here
+            return buffer[:-1] / self.expected_batch_size
         noise_gen = generator(self._secret_seed, "noise", step, device=self.device)
         noise = gaussian_noise_like(buffer[:-1], self.noise_multiplier * self.max_grad_norm, noise_gen)
-        self._last_finished_step = step
         return (buffer[:-1] + noise) / self.expected_batch_size
 
     def resume_after(self, last_finished_step: int) -> None:
