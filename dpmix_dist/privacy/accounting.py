@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
 ACCOUNTANTS = ("prv", "rdp")
 
 
+# Pure functions of their arguments, and slow (RDP calibration of a small data set takes ~10 s): the trainer, the
+# CLI's report and every test asking again get the cached value.
+@functools.lru_cache(maxsize=1024)
 def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str) -> float:
     """ε after `steps` steps of the sampled Gaussian mechanism with (σ, q), at δ.
 
@@ -20,6 +25,7 @@ def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta
     return float(acc.get_epsilon(delta=delta))
 
 
+@functools.lru_cache(maxsize=256)
 def calibrate_noise_multiplier(
     target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
 ) -> float:
