@@ -102,6 +102,34 @@ def test_micro_batch_size_feature_cache_and_engine_do_not_change_the_result(shar
     _assert_same_model(reference, tmp_path / "run")
 
 
+AUGMENTED = {
+    "self_aug": ["augment.num_views=3"],
+    "dpmix_self": ["augment.num_views=2", "augment.num_mixes=3"],
+    "dpmix_diff": ["augment.num_views=2", "augment.num_mixes=3", "augment.num_synthetic=2"],
+}
+
+
+@pytest.mark.parametrize("method", list(AUGMENTED))
+def test_world_size_does_not_change_an_augmented_run(shards, reference, tmp_path, method):
+    """Each example's views, mixes and synthetic draws depend on (seed, step, example) only: 1 process (with
+    another micro-batch size) and 2 processes give the same model, and the same ε as plain DP-SGD."""
+    from datagen import make_synthetic_folder
+
+    overrides = [f"augment.method={method}", *AUGMENTED[method]]
+    if method == "dpmix_diff":
+        classes = json.loads((shards / "metadata.json").read_text())["classes"]
+        overrides.append(f"augment.synthetic_root={make_synthetic_folder(tmp_path / 'syn', classes, per_class=3)}")
+    one = _run(1, shards, tmp_path / "w1", *overrides, "performance.micro_batch_size=5")
+    two = _run(2, shards, tmp_path / "w2", *overrides)
+    _trained_something(tmp_path / "w1")
+    _assert_same_model(tmp_path / "w1", tmp_path / "w2")
+    ref = json.loads((reference / "summary.json").read_text())
+    assert one["method"] == two["method"] == method and one["group_size"] > 1
+    assert one["epsilon"] == two["epsilon"] == ref["epsilon"] and one["steps"] == ref["steps"]
+    a, b = load_file(reference / "model.safetensors"), load_file(tmp_path / "w1" / "model.safetensors")
+    assert not torch.allclose(a["classifier.weight"], b["classifier.weight"])  # the method did change training
+
+
 def test_different_seed_gives_a_different_model(shards, reference, tmp_path):
     out = tmp_path / "run"
     cmd = _launch_cmd(1, _free_port()) + _train_args(shards, out, tmp_path / "cache")
