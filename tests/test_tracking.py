@@ -140,7 +140,7 @@ def test_params_tags_metrics_and_artifacts(sqlite_run):
     assert float(tags["dp.noise_multiplier"]) == pytest.approx(summary["noise_multiplier"], rel=1e-5)
     assert tags["dp.delta"] == "0.001" and tags["dp.accountant"] == "rdp" and tags["dp.steps"] == str(summary["steps"])
     assert float(tags["dp.sample_rate"]) == pytest.approx(summary["sample_rate"]) and tags["dp.max_grad_norm"] == "1"
-    assert tags["augment.method"] == "dpsgd" and tags["model"] == "test_efficientnet"
+    assert tags["augment.method"] == "dpsgd" and tags["model"] == "test_efficientnet" and tags["dp.private"] == "true"
     assert tags["dataset"] == "fashion_mnist" and tags["world_size"] == "1" and tags["code_version"]
     history = summary["history"]
     assert len(history) >= 4

@@ -1,0 +1,54 @@
+"""launch/sweep.py's planning: per-method overrides, the non-private ceiling, the table (the runs themselves are
+exercised in test_tracking.py's sweep test)."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "launch"))
+import sweep  # noqa: E402
+
+
+def test_method_scoped_overrides_and_non_private_runs():
+    args = sweep.parse_args(["--config", "tiny_test", "--epsilons", "1,8", "--methods", "dpsgd,dpmix_self",
+                             "--non-private", "dpsgd", "--seeds", "0,1", "optim.lr=0.1",
+                             "dpmix_self:augment.num_views=2", "dpmix_self:augment.num_mixes=3"])  # fmt: skip
+    common, scoped = sweep._split_overrides(args.overrides)
+    assert common == ["optim.lr=0.1"] and scoped == {"dpmix_self": ["augment.num_views=2", "augment.num_mixes=3"]}
+    combos = sweep._combinations(args, "dpsgd")
+    assert [c["name"] for c in combos][-2:] == ["dpsgd-nonprivate-rep0", "dpsgd-nonprivate-rep1"]
+    assert len(combos) == 2 * 2 * 2 + 2
+    mix = next(c for c in combos if c["method"] == "dpmix_self" and c["epsilon"] == 8)
+    assert sweep._run_overrides(common, scoped, mix) == [
+        "optim.lr=0.1", "augment.method=dpmix_self", "augment.num_views=2", "augment.num_mixes=3",
+        "privacy.target_epsilon=8.0"]  # fmt: skip
+    ceiling = next(c for c in combos if math.isinf(c["epsilon"]))
+    assert sweep._run_overrides(common, scoped, ceiling)[-2:] == ["augment.method=dpsgd", "privacy.enabled=false"]
+
+
+def test_table_has_a_non_private_column():
+    rows = [{"method": "dpsgd", "target_epsilon": e, "replicate": r, "test_accuracy": a, "epsilon_spent": e,
+             "delta": 1e-5, "steps": 10, "noise_multiplier": 1.0}
+            for e, r, a in [(1.0, "0", 0.70), (1.0, "1", 0.72), (math.inf, "0", 0.90)]]  # fmt: skip
+    _, table, series = sweep._table(rows)
+    assert table.splitlines()[0] == "| method | ε = 1 | non-private |"
+    assert "71.00 ± 1.41 (n=2)" in table and "| 90.00 |" in table
+    assert series["dpsgd"][-1][0] == math.inf
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["self_aug:augment.num_views=2"], "overrides for self_aug"),
+    (["--methods", "dpmix_self", "dpmix_self:augment.num_views=2"], "needs mixes"),
+    (["--non-private", "dpsgd", "tracking.register_as=m"], "register_as"),
+])  # fmt: skip
+def test_every_runs_settings_are_checked_before_the_first_run(tmp_path, capsys, extra, match):
+    options = [e for e in extra if "=" not in e]
+    overrides = [e for e in extra if "=" in e]
+    code = sweep.main(["--config", "tiny_test", "--epsilons", "1", "--output-dir", str(tmp_path / "sweep"), *options,
+                       f"tracking.uri=sqlite:///{tmp_path}/m.db", *overrides])  # fmt: skip
+    assert code == 2 and match in capsys.readouterr().err
+    assert not (tmp_path / "sweep").exists() and not (tmp_path / "m.db").exists()
