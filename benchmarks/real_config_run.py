@@ -49,11 +49,15 @@ def main() -> int:
     result = {
         "config": args.config,
         "device": summary["device"],
+        "method": summary["method"],
+        "group_size": summary.get("group_size", 1),
         "steps": summary["steps"],
         "expected_batch_size": summary["expected_batch_size"],
         "trainable_parameters": summary["trainable_parameters"],
         "train_seconds": summary["train_seconds"],
         "seconds_per_step": round(summary["train_seconds"] / summary["steps"], 3),
+        "members_per_second": round(summary["steps"] * summary["expected_batch_size"] * summary.get("group_size", 1)
+                                    / summary["train_seconds"], 1),
         "wall_seconds": round(wall, 1),
         "epsilon": summary["epsilon"],
     }

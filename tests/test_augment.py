@@ -50,12 +50,12 @@ def data(tmp_path_factory) -> dict:
             "syn": make_synthetic_folder(root / "syn", CLASSES, per_class=6), "root": root}  # fmt: skip
 
 
-def _trainer(data: dict, tmp_path: Path, method: str, *extra: str, root: str = "a") -> Trainer:
+def _trainer(data: dict, tmp_path: Path, method: str, *extra: str, root: str = "a", device: str = "cpu") -> Trainer:
     overrides = [f"data.root={data[root]}", f"data.cache_dir={data['root'] / 'cache'}", f"augment.method={method}",
                  *METHODS[method], "run.progress_bar=false", *extra]  # fmt: skip
     if method == "dpmix_diff":
         overrides.append(f"augment.synthetic_root={data['syn']}")
-    return Trainer(load_config("tiny_test", overrides), Distributed(cpu=True), tmp_path, SEED)
+    return Trainer(load_config("tiny_test", overrides), Distributed(cpu=device == "cpu"), tmp_path, SEED)
 
 
 def _spec(**kw) -> AugmentConfig:
@@ -217,11 +217,12 @@ def _naive_clipped_sum(trainer: Trainer, chunk: torch.Tensor) -> torch.Tensor:
     """Autograd on each group alone, built one member at a time from the draws: the reference."""
     spec, store = trainer.config.augment, trainer.train_store
     params = list(trainer.params.values())
-    total = torch.zeros(sum(p.numel() for p in params))
+    device = params[0].device
+    total = torch.zeros(sum(p.numel() for p in params), device=device)
     draws = trainer.groups.draws(SEED, trainer.step, chunk) if trainer.groups else None
     for r, i in enumerate(chunk.tolist()):
         x = trainer._to_input(store.split.images[[i]])[0]
-        label = F.one_hot(torch.tensor(int(store.split.labels[i])), 10).float()
+        label = F.one_hot(torch.tensor(int(store.split.labels[i])), 10).float().to(device)
         if draws is None:
             members, targets = [x], [label]
         else:
@@ -230,7 +231,7 @@ def _naive_clipped_sum(trainer: Trainer, chunk: torch.Tensor) -> torch.Tensor:
             syn = trainer.groups.synthetic
             for j in draws.synthetic[r]:
                 members.append(trainer._to_input(syn.images[[j]])[0])
-                targets.append(F.one_hot(torch.tensor(int(syn.labels[j])), 10).float())
+                targets.append(F.one_hot(torch.tensor(int(syn.labels[j])), 10).float().to(device))
             mixes = [(float(lam) * members[a] + (1 - float(lam)) * members[b],
                       float(lam) * targets[a] + (1 - float(lam)) * targets[b])
                      for (a, b), lam in zip(draws.pairs[r], draws.lams[r])]  # fmt: skip
@@ -247,8 +248,9 @@ def _naive_clipped_sum(trainer: Trainer, chunk: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("engine", ["layerwise", "functorch"])
 @pytest.mark.parametrize("method,extra", [(m, ()) for m in METHODS] + [("dpmix_diff", ("augment.include_unmixed=false",))])
-def test_grouped_clipped_sum_equals_autograd_on_each_group_alone(data, tmp_path, method, extra, engine):
-    trainer = _trainer(data, tmp_path, method, f"performance.engine={engine}", "privacy.max_grad_norm=0.05", *extra)
+def test_grouped_clipped_sum_equals_autograd_on_each_group_alone(data, tmp_path, method, extra, engine, device="cpu"):
+    trainer = _trainer(data, tmp_path, method, f"performance.engine={engine}", "privacy.max_grad_norm=0.05", *extra,
+                       device=device)
     trainer.step = 3
     chunk = _sampled(trainer)[:12]
     inputs, targets = trainer._groups(trainer.train_store, chunk)
@@ -261,8 +263,20 @@ def test_grouped_clipped_sum_equals_autograd_on_each_group_alone(data, tmp_path,
         summed = clipped_sum(grads, trainer.guarantee.max_grad_norm)
     fast = torch.cat([summed[n].flatten() for n in trainer.params])
     naive = _naive_clipped_sum(trainer, chunk)
-    assert naive.norm() > 0
+    assert naive.norm() > 0 and fast.device.type == device
     torch.testing.assert_close(fast, naive, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["self_aug", "dpmix_self", "dpmix_diff"])
+def test_groups_on_cuda(data, tmp_path, method):
+    """On CUDA: the grouped clipped sum equals autograd on each group alone, and the groups equal the CPU's."""
+    test_grouped_clipped_sum_equals_autograd_on_each_group_alone(data, tmp_path, method, (), "layerwise", device="cuda")
+    cpu, cuda = _trainer(data, tmp_path, method), _trainer(data, tmp_path, method, device="cuda")
+    chunk = _sampled(cpu)[:12]
+    (a, ta), (b, tb) = cpu._groups(cpu.train_store, chunk), cuda._groups(cuda.train_store, chunk)
+    torch.testing.assert_close(b.cpu(), a, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(tb.cpu().float(), ta.float())
 
 
 @pytest.mark.parametrize("method", list(METHODS))
