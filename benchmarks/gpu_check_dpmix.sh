@@ -9,10 +9,10 @@ OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-timeout 200 python3 -m pytest -q -m gpu tests/test_augment.py tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
+timeout 170 python3 -m pytest -q -m gpu tests/test_augment.py tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
 run() {  # name, then overrides
   local name=$1; shift
-  timeout 110 python3 benchmarks/real_config_run.py --config vit_b16_cifar10 --num-train 2000 --num-test 200 \
+  timeout 100 python3 benchmarks/real_config_run.py --config vit_b16_cifar10 --num-train 2000 --num-test 200 \
       privacy.epochs=1 privacy.expected_batch_size=250 performance.precision=bf16 "$@" 2>&1 | tail -3 | tee "$OUT/$name.log"
 }
 run dpsgd performance.micro_batch_size=128
