@@ -13,7 +13,7 @@ timeout 170 python3 -m pytest -q -m gpu tests/test_augment.py tests/test_gpu.py 
 run() {  # name, then overrides
   local name=$1; shift
   timeout 100 python3 benchmarks/real_config_run.py --config vit_b16_cifar10 --num-train 2000 --num-test 200 \
-      privacy.epochs=1 privacy.expected_batch_size=250 performance.precision=bf16 "$@" 2>&1 | tail -3 | tee "$OUT/$name.log"
+      privacy.epochs=1 privacy.expected_batch_size=250 performance.precision=bf16 "$@" 2>&1 | tail -12 | tee "$OUT/$name.log"
 }
 run dpsgd performance.micro_batch_size=128
 run self_aug augment.method=self_aug augment.num_views=16 performance.micro_batch_size=16

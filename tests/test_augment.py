@@ -272,9 +272,18 @@ def test_grouped_clipped_sum_equals_autograd_on_each_group_alone(data, tmp_path,
 def test_groups_on_cuda(data, tmp_path, method):
     """On CUDA: the grouped clipped sum equals autograd on each group alone, and the groups equal the CPU's."""
     test_grouped_clipped_sum_equals_autograd_on_each_group_alone(data, tmp_path, method, (), "layerwise", device="cuda")
-    cpu, cuda = _trainer(data, tmp_path, method), _trainer(data, tmp_path, method, device="cuda")
-    chunk = _sampled(cpu)[:12]
-    (a, ta), (b, tb) = cpu._groups(cpu.train_store, chunk), cuda._groups(cuda.train_store, chunk)
+    # the process's accelerate state is now CUDA, so the CPU side is built here from the same parts
+    from dpmix_dist.data.transforms import to_model_input
+
+    cuda = _trainer(data, tmp_path, method, device="cuda")
+    assert cuda.dist.device.type == "cuda"
+    size, (mean, std) = cuda.config.data.image_size, (cuda._mean, cuda._std)
+    cpu = GroupBuilder(cuda.config.augment, 10, lambda im: to_model_input(im, size, mean, std, "cpu"), cuda.groups.synthetic)
+    chunk = _sampled(cuda)[:12]
+    draws = cuda.groups.draws(SEED, 0, chunk)
+    images, labels = cuda.train_store.split.images[chunk.numpy()], cuda.train_store.labels(chunk)
+    (a, ta), (b, tb) = cpu.build(draws, images, labels), cuda.groups.build(draws, images, labels)
+    assert b.device.type == "cuda" and a.device.type == "cpu"
     torch.testing.assert_close(b.cpu(), a, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(tb.cpu().float(), ta.float())
 
