@@ -450,6 +450,9 @@ class Trainer:
 def check_synthetic(root: str, private_metadata: dict, private_root: str) -> dict:
     """The synthetic folder's metadata, if it is one: written by launch/generate.py, same classes in the same
     order as the private data, from a generator that did not train on the private data. Else a DataError."""
+    if not (Path(root) / "metadata.json").is_file():
+        raise DataError(f"augment.synthetic_root: {root} is not a folder written by launch/generate.py (no "
+                        "metadata.json); make one with `make synthetic` (data/fmnist_synthetic)")  # fmt: skip
     meta = read_metadata(root)
     record = meta.get("synthetic")
     if not record:

@@ -356,6 +356,8 @@ def test_synthetic_root_must_be_public_synthetic_images(data, tmp_path):
     def build(root):
         return Trainer(load_config("tiny_test", [*base, f"augment.synthetic_root={root}"]), Distributed(cpu=True), tmp_path, SEED)
 
+    with pytest.raises(DataError, match="augment.synthetic_root: .* make synthetic"):
+        build(tmp_path / "missing")
     with pytest.raises(DataError, match="not a synthetic set"):
         build(data["b"])  # private-format data (here: the other data set) is never mixed in
     other = make_synthetic_folder(tmp_path / "other", [f"x{i}" for i in range(10)], per_class=2)
