@@ -356,7 +356,7 @@ def test_synthetic_root_must_be_public_synthetic_images(data, tmp_path):
     def build(root):
         return Trainer(load_config("tiny_test", [*base, f"augment.synthetic_root={root}"]), Distributed(cpu=True), tmp_path, SEED)
 
-    with pytest.raises(DataError, match="augment.synthetic_root: .* make synthetic"):
+    with pytest.raises(DataError, match="augment.synthetic_root: .*make synthetic"):
         build(tmp_path / "missing")
     with pytest.raises(DataError, match="not a synthetic set"):
         build(data["b"])  # private-format data (here: the other data set) is never mixed in
