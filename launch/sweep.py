@@ -155,27 +155,29 @@ def _plot(series: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def plan(args: argparse.Namespace) -> tuple[object, list[dict], list[str], dict[str, list[str]]]:
+    """(the first run's config, every combination, common overrides, per-method overrides), every run's config
+    loaded and checked; raises ConfigError naming the first bad one."""
+    common, scoped = _split_overrides(args.overrides)
+    default_method = None if args.methods else load_config(args.config, common).augment.method
+    combos = _combinations(args, default_method)
+    unknown = sorted(set(scoped) - {c["method"] for c in combos})
+    if unknown:
+        raise ConfigError(f"overrides for {', '.join(unknown)}, which this sweep does not run (--methods / --non-private)")
+    kinds = {(c["method"], math.isinf(c["epsilon"])): c for c in combos}
+    configs = [load_config(args.config, _run_overrides(common, scoped, combo)) for combo in kinds.values()]
+    return configs[0], combos, common, scoped
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        config = load_config(args.config, [o for o in args.overrides if ":" not in o.split("=", 1)[0]])
+    try:  # every run's settings, checked before the first run starts
+        config, combos, common, scoped = plan(args)
         from dpmix_dist.tracking import check_uri, experiment_id, resolve_uri
 
         uri = resolve_uri(config.tracking)
         check_uri(uri)
     except (ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    common, scoped = _split_overrides(args.overrides)
-    combos = _combinations(args, config.augment.method)
-    try:  # every run's settings, checked before the first run starts
-        unknown = sorted(set(scoped) - {c["method"] for c in combos})
-        if unknown:
-            raise ConfigError(f"overrides for {', '.join(unknown)}, which this sweep does not run (--methods / --non-private)")
-        kinds = {(c["method"], math.isinf(c["epsilon"])): c for c in combos}
-        for combo in kinds.values():
-            load_config(args.config, _run_overrides(common, scoped, combo))
-    except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = args.output_dir

@@ -52,3 +52,11 @@ def test_every_runs_settings_are_checked_before_the_first_run(tmp_path, capsys, 
                        f"tracking.uri=sqlite:///{tmp_path}/m.db", *overrides])  # fmt: skip
     assert code == 2 and match in capsys.readouterr().err
     assert not (tmp_path / "sweep").exists() and not (tmp_path / "m.db").exists()
+
+
+def test_options_for_the_swept_methods_need_not_suit_the_configs_own_method():
+    # tiny_test's own method is dpsgd, which refuses K = 3; a sweep of self_aug alone may still set it for all runs
+    args = sweep.parse_args(["--config", "tiny_test", "--epsilons", "1,8", "--methods", "self_aug", "augment.num_views=3"])
+    config, combos, common, scoped = sweep.plan(args)
+    assert config.augment.method == "self_aug" and config.augment.num_views == 3
+    assert [c["name"] for c in combos] == ["self_aug-eps1-rep0", "self_aug-eps8-rep0"] and not scoped
