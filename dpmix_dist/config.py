@@ -143,9 +143,10 @@ class AugmentConfig:
 
     def __post_init__(self) -> None:
         k, m, s = self.num_views, self.num_mixes, self.num_synthetic
-        for key, value in (("num_views", k), ("num_mixes", m), ("num_synthetic", s), ("crop_padding", self.crop_padding)):
-            if value < (1 if key == "num_views" else 0):
-                _fail(f"augment.{key}", f"must be >= {1 if key == 'num_views' else 0}, got {value}")
+        for key, value, low in (("num_views", k, 1), ("num_mixes", m, 0), ("num_synthetic", s, 0),
+                                ("crop_padding", self.crop_padding, 0)):
+            if value < low:
+                _fail(f"augment.{key}", f"must be >= {low}, got {value}")
         if not self.mix_alpha > 0:
             _fail("augment.mix_alpha", f"must be > 0, got {self.mix_alpha}")
         unknown = [t for t in self.transforms if t not in TRANSFORMS]

@@ -207,8 +207,12 @@ class Trainer:
                 pass
         return self._to_input(image).cpu()
 
+    def _pixels(self, images) -> torch.Tensor:
+        return to_model_input(images, self.config.data.image_size, self._mean, self._std, self.dist.device)
+
     def _to_input(self, images) -> torch.Tensor:
-        x = to_model_input(images, self.config.data.image_size, self._mean, self._std, self.dist.device)
+        """Model input in the model's memory layout (`_pixels` for inputs that are regrouped before the model)."""
+        x = self._pixels(images)
         return x.contiguous(memory_format=torch.channels_last) if self.config.performance.channels_last else x
 
     def _group_builder(self) -> GroupBuilder | None:
@@ -218,13 +222,14 @@ class Trainer:
             return None
         synthetic = None
         if a.method == "dpmix_diff":
-            check_synthetic(a.synthetic_root, self.metadata, self.config.data.root)
+            check_synthetic_root(a.synthetic_root, self.metadata, self.config.data.root)
             with self.dist.local_main_first():
                 synthetic = load_split(a.synthetic_root, "train", self.config.data.cache_dir)
             if len(synthetic) < a.num_synthetic:
                 raise DataError(f"augment.num_synthetic={a.num_synthetic} is more than the {len(synthetic)} images "
                                 f"in {a.synthetic_root}; lower it or generate more")  # fmt: skip
-        return GroupBuilder(a, self.metadata["num_classes"], self._to_input, synthetic)
+        # `_pixels`: the builder gathers views into new tensors, which `_groups` puts in the model's layout once
+        return GroupBuilder(a, self.metadata["num_classes"], self._pixels, synthetic)
 
     def _store(self, split: str, desc: str) -> ExampleStore:
         with self.dist.local_main_first():  # the node's first process decodes the shards; the others reuse it
@@ -447,9 +452,9 @@ class Trainer:
         self.mechanism.resume_after(self.step - 1)
 
 
-def check_synthetic(root: str, private_metadata: dict, private_root: str) -> dict:
-    """The synthetic folder's metadata, if it is one: written by launch/generate.py, same classes in the same
-    order as the private data, from a generator that did not train on the private data. Else a DataError."""
+def check_synthetic_root(root: str, private_metadata: dict, private_root: str) -> None:
+    """A DataError unless `root` is a synthetic folder written by launch/generate.py, with the private data's classes
+    in the same order, from a generator that did not train on the private data."""
     if not (Path(root) / "metadata.json").is_file():
         raise DataError(f"augment.synthetic_root: {root} is not a folder written by launch/generate.py (no "
                         "metadata.json); make one with `make synthetic` (data/fmnist_synthetic)")  # fmt: skip
@@ -470,7 +475,6 @@ def check_synthetic(root: str, private_metadata: dict, private_root: str) -> dic
     if saw_private:
         raise DataError(f"augment.synthetic_root: {root} comes from a generator trained on the private data "
                         f"({trained_on.get('root')}); train it on the public part (launch/train_diffusion.py)")  # fmt: skip
-    return meta
 
 
 def _mechanism_sections(config: Config) -> dict:

@@ -36,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from dpmix_dist.config import load_config  # noqa: E402
+from dpmix_dist.config import Config, load_config  # noqa: E402
 from dpmix_dist.errors import ConfigError, DataError  # noqa: E402
 
 
@@ -155,7 +155,7 @@ def _plot(series: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def plan(args: argparse.Namespace) -> tuple[object, list[dict], list[str], dict[str, list[str]]]:
+def plan(args: argparse.Namespace) -> tuple[Config, list[dict], list[str], dict[str, list[str]]]:
     """(the first run's config, every combination, common overrides, per-method overrides), every run's config
     loaded and checked; raises ConfigError naming the first bad one."""
     common, scoped = _split_overrides(args.overrides)
@@ -224,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         if run_dir.exists() and not resume:  # a run that died before its first checkpoint: start it again
             shutil.rmtree(run_dir)
         cmd = [*launcher, str(REPO / "launch/finetune.py"), "--config", args.config, "--output-dir", str(run_dir),
-               *_run_overrides(common, scoped, combo), f"tracking.uri={uri}", f"tracking.parent_run_id={parent_id}", f"tracking.run_name={combo['name']}",
+               *_run_overrides(common, scoped, combo), f"tracking.uri={uri}", f"tracking.parent_run_id={parent_id}",
+               f"tracking.run_name={combo['name']}",
                *(["--resume"] if resume else [])]  # fmt: skip
         print(f"[{i}/{len(combos)}] {combo['name']}{' (resuming)' if resume else ''}", flush=True)
         proc = subprocess.Popen(cmd)
