@@ -39,14 +39,17 @@ class Draws:
     """The random choices of one step for a batch of b examples (K views, S synthetic, M mixes each)."""
 
     crops: np.ndarray  # (b, K, 2) int: top/left offsets into the padded image, in [0, 2·padding]
+    padding: int  # reflect padding (pixels) the crops refer to
     flips: np.ndarray  # (b, K) bool: mirror view k horizontally
     synthetic: np.ndarray  # (b, S) int: indices into the synthetic set, distinct within an example
     pairs: np.ndarray  # (b, M, 2) int: two distinct pool members (pool = K views, then S synthetic)
     lams: np.ndarray  # (b, M) float64: λ of each mix, ~ Beta(α, α)
 
 
-def draw(spec: AugmentConfig, secret_seed: int, step: int, indices: torch.Tensor, num_synthetic_images: int) -> Draws:
-    """Each example's choices from its own generator (secret seed, "augment", step, global index)."""
+def draw(spec: AugmentConfig, secret_seed: int, step: int, indices: torch.Tensor, num_synthetic_images: int,
+         padding: int) -> Draws:
+    """Each example's choices from its own generator (secret seed, "augment", step, global index); `padding` is
+    the crop's reflect padding in pixels (`spec.padding_pixels(image_size)`)."""
     k, s, m = spec.num_views, spec.num_synthetic, spec.num_mixes
     pool = k + s
     b = len(indices)
@@ -57,7 +60,7 @@ def draw(spec: AugmentConfig, secret_seed: int, step: int, indices: torch.Tensor
     lams = np.zeros((b, m), dtype=np.float64)
     for row, i in enumerate(indices.tolist()):
         rng = np.random.default_rng(derive_seed(secret_seed, "augment", step, i))
-        crops[row] = rng.integers(0, 2 * spec.crop_padding + 1, size=(k, 2))
+        crops[row] = rng.integers(0, 2 * padding + 1, size=(k, 2))
         flips[row] = rng.random(k) < 0.5
         if s:
             synthetic[row] = rng.choice(num_synthetic_images, size=s, replace=False)
@@ -66,14 +69,15 @@ def draw(spec: AugmentConfig, secret_seed: int, step: int, indices: torch.Tensor
             second = rng.integers(0, pool - 1, size=m)  # uniform over the other pool - 1 members (incl. the last)
             pairs[row, :, 0], pairs[row, :, 1] = first, second + (second >= first)
             lams[row] = rng.beta(spec.mix_alpha, spec.mix_alpha, size=m)
-    return Draws(crops, flips, synthetic, pairs, lams)
+    return Draws(crops, padding, flips, synthetic, pairs, lams)
 
 
-def self_augment(x: torch.Tensor, crops: np.ndarray, flips: np.ndarray, spec: AugmentConfig) -> torch.Tensor:
-    """(b, C, H, W) -> (b, K, C, H, W): view k of example r is x[r] reflect-padded, cropped at crops[r, k] and
-    mirrored where flips[r, k] (each only if its transform is in `spec.transforms`). One gather for all views."""
+def self_augment(x: torch.Tensor, crops: np.ndarray, flips: np.ndarray, spec: AugmentConfig, padding: int) -> torch.Tensor:
+    """(b, C, H, W) -> (b, K, C, H, W): view k of example r is x[r] reflect-padded by `padding` pixels, cropped at
+    crops[r, k] and mirrored where flips[r, k] (each only if its transform is in `spec.transforms`). One gather for
+    all views."""
     b, c, h, w = x.shape
-    pad = spec.crop_padding if "crop" in spec.transforms else 0
+    pad = padding if "crop" in spec.transforms else 0
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect") if pad else x
     offsets = torch.from_numpy(crops if pad else np.zeros_like(crops)).to(x.device)
     flip = torch.from_numpy(flips if "flip" in spec.transforms else np.zeros_like(flips)).to(x.device)
@@ -92,6 +96,7 @@ class GroupBuilder:
         spec: the `augment` config section.
         num_classes: label space (soft labels are (b, G, num_classes)).
         to_input: uint8 images (n, H, W, C) -> normalized model input (n, 3, S, S).
+        image_size: S, the side of the model input (sets the crop padding in pixels).
         synthetic: the decoded synthetic set (public), for `dpmix_diff`.
     """
 
@@ -100,6 +105,7 @@ class GroupBuilder:
         spec: AugmentConfig,
         num_classes: int,
         to_input: Callable[[np.ndarray], torch.Tensor],
+        image_size: int,
         synthetic: Split | None = None,
     ) -> None:
         if spec.method == "dpsgd":
@@ -108,6 +114,7 @@ class GroupBuilder:
             raise ValueError("dpmix_diff needs the synthetic set")
         self.spec, self.num_classes, self._to_input, self.synthetic = spec, num_classes, to_input, synthetic
         self.soft = spec.method in ("dpmix_self", "dpmix_diff")
+        self.padding = spec.padding_pixels(image_size)
 
     @property
     def group_size(self) -> int:
@@ -115,13 +122,14 @@ class GroupBuilder:
         return (s.num_views + s.num_synthetic if s.include_unmixed else 0) + s.num_mixes
 
     def draws(self, secret_seed: int, step: int, indices: torch.Tensor) -> Draws:
-        return draw(self.spec, secret_seed, step, indices, len(self.synthetic) if self.synthetic is not None else 0)
+        num_synthetic_images = len(self.synthetic) if self.synthetic is not None else 0
+        return draw(self.spec, secret_seed, step, indices, num_synthetic_images, self.padding)
 
     def build(
         self, draws: Draws, images: np.ndarray, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Members (b, G, 3, S, S) and targets: class ids (b, G) for self_aug, soft labels (b, G, classes) else."""
-        views = self_augment(self._to_input(images), draws.crops, draws.flips, self.spec)  # (b, K, 3, S, S)
+        views = self_augment(self._to_input(images), draws.crops, draws.flips, self.spec, draws.padding)  # (b, K, 3, S, S)
         b, k = views.shape[:2]
         if not self.soft:
             return views, labels.view(b, 1).expand(b, k).to(views.device)

@@ -116,7 +116,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     if dist.is_main:
         short = {k: v for k, v in summary.items() if k != "history"}
         print(json.dumps(short, indent=2))
-        print(f"done in {time.time() - started:.0f} s (data, model and features included): test accuracy {summary['test_accuracy']:.4f} at "
+        print(f"done in {time.time() - started:.0f} s (data, model and features included): {summary['eval_split']} accuracy {summary[trainer.accuracy_key]:.4f} at "
               f"ε={summary['epsilon']:.3f}, δ={summary['delta']:g}; outputs in {output_dir}")
     dist.close()
     return 0
@@ -154,7 +154,7 @@ def _start_tracker(config, trainer, output_dir: Path, args: argparse.Namespace, 
     tracker.start(config, tags, name, resume_run_id=resume_id)
 
     def on_eval(record: dict) -> None:
-        metrics = {"test_accuracy": record["test_accuracy"]}
+        metrics = {trainer.accuracy_key: record[trainer.accuracy_key]}
         if math.isfinite(record["epsilon"]):  # a non-private run has no ε to plot
             metrics["epsilon"] = record["epsilon"]
         if config.tracking.log_train_loss and record["train_loss"] == record["train_loss"]:  # not NaN

@@ -68,6 +68,10 @@ class DataConfig:
     """Side of the square model input; images are resized on the fly."""
     cache_dir: str = ".cache/dpmix"
     """Node-local folder for the decoded uint8 memmap of each split (made once, shared by ranks)."""
+    eval_split: Literal["test", "validation"] = "test"
+    """Where accuracy is measured. `validation`: the split carved from the PUBLIC part by `prepare_data.py
+    --validation-count`, for choosing settings; `test`: the held-out test split, for a reported run only (evaluate it
+    once, at the end: run.eval_every_epochs >= privacy.epochs)."""
 
     def __post_init__(self) -> None:
         if self.image_size < 8:
@@ -136,17 +140,27 @@ class AugmentConfig:
     """Whether the group's loss also counts the unmixed pool (views and synthetic images), or the mixes only."""
     transforms: tuple[str, ...] = TRANSFORMS
     """Self-augmentation of each view, from: crop (random crop with reflect padding), flip (horizontal)."""
-    crop_padding: int = 4
-    """Reflect padding, in model-input pixels, before the random crop back to data.image_size."""
+    crop_padding_fraction: float = 0.02
+    """Reflect padding before the random crop back to data.image_size, as a fraction of the image side:
+    max(1, round(fraction · data.image_size)) pixels (0: no shift). The default is the paper's 4 px at 224 px; the
+    same pixel count on a small input is a far stronger shift (4 px = 12.5% of a 32-px image)."""
     synthetic_root: str = ""
     """dpmix_diff: folder written by `launch/generate.py` (images of a generator that never saw the private data)."""
 
+    def padding_pixels(self, image_size: int) -> int:
+        """The crop's reflect padding in pixels at this input size."""
+        if self.crop_padding_fraction == 0:
+            return 0
+        return max(1, round(self.crop_padding_fraction * image_size))
+
     def __post_init__(self) -> None:
         k, m, s = self.num_views, self.num_mixes, self.num_synthetic
-        for key, value, low in (("num_views", k, 1), ("num_mixes", m, 0), ("num_synthetic", s, 0),
-                                ("crop_padding", self.crop_padding, 0)):
+        for key, value, low in (("num_views", k, 1), ("num_mixes", m, 0), ("num_synthetic", s, 0)):
             if value < low:
                 _fail(f"augment.{key}", f"must be >= {low}, got {value}")
+        if not 0 <= self.crop_padding_fraction < 0.5:
+            _fail("augment.crop_padding_fraction", f"must be in [0, 0.5) (a fraction of data.image_size), got "
+                  f"{self.crop_padding_fraction}")  # fmt: skip
         if not self.mix_alpha > 0:
             _fail("augment.mix_alpha", f"must be > 0, got {self.mix_alpha}")
         unknown = [t for t in self.transforms if t not in TRANSFORMS]
@@ -207,6 +221,11 @@ class PerformanceConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     """`bf16`: forward/backward under bf16 autocast (GPUs); per-example norms, clipping, sums and noise stay fp32.
     Unlike the other settings here, bf16 changes results beyond fp32 rounding (never the guarantee)."""
+    feature_cache_on_disk: bool = True
+    """Keep cached frozen features in data.cache_dir/features/, keyed by a digest of the model's weights, the
+    shards, the examples held and the prefix settings, so the next run on the same data and model (a sweep's) loads
+    them instead of recomputing: bit-identical. They derive from private data: the folder is as private as the
+    decoded shards beside it."""
     feature_cache_max_gb: float = 16.0
     """Refuse to cache frozen features larger than this per process (set cache_frozen_features=false)."""
     num_threads: int = 0
@@ -292,9 +311,6 @@ class Config:
 
     def __post_init__(self) -> None:
         a = self.augment
-        if a.method != "dpsgd" and "crop" in a.transforms and a.crop_padding >= self.data.image_size:
-            _fail("augment.crop_padding", f"{a.crop_padding} must be < data.image_size={self.data.image_size} "
-                  "(reflect padding); lower it")  # fmt: skip
         if not self.privacy.enabled and self.tracking.register_as:
             _fail("tracking.register_as", "a non-private run (privacy.enabled=false) has no guarantee to register; "
                   "leave tracking.register_as empty")  # fmt: skip

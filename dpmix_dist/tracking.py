@@ -93,9 +93,10 @@ def accuracy_plot(history: list[dict], path: Path, title: str) -> Path:
 
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
     private = all(math.isfinite(h["epsilon"]) for h in history)  # else the non-private ceiling: against steps
-    ax.plot([h["epsilon" if private else "step"] for h in history], [100 * h["test_accuracy"] for h in history], marker="o")
+    key = next((k for k in (history[0] if history else {}) if k.endswith("_accuracy")), "test_accuracy")
+    ax.plot([h["epsilon" if private else "step"] for h in history], [100 * h[key] for h in history], marker="o")
     ax.set_xlabel("ε spent" if private else "step (non-private: ε = ∞)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(f"{key.replace('_', ' ')} (%)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -227,6 +228,8 @@ class Tracker:
                              f"{summary['model']} on {summary['dataset']}, {summary['method']}, "
                              f"ε={summary['epsilon']:.2f}, δ={summary['delta']:g}")  # fmt: skip
 
+        split = summary.get("eval_split", "test")
+
         def artifacts() -> None:
             for name in ("config.yaml", "summary.json"):
                 self.client.log_artifact(self.run_id, str(self.output_dir / name))
@@ -257,7 +260,7 @@ class Tracker:
                     f"({summary['epsilon']:.3f}, {summary['delta']:g})-DP ({summary['accountant']} accountant) on "
                     f"{summary['dataset']} ({summary['num_train_examples']} private examples), method "
                     f"{summary['method']}, σ={summary['noise_multiplier']:.4f}, q={summary['sample_rate']:.5g}, "
-                    f"{summary['steps']} steps, C={summary['max_grad_norm']:g}; test accuracy {summary['test_accuracy']:.4f}"
+                    f"{summary['steps']} steps, C={summary['max_grad_norm']:g}; {split} accuracy {summary[f'{split}_accuracy']:.4f}"
                 )  # fmt: skip
                 self.client.update_model_version(name, self.model_version, description=description)
 
@@ -265,7 +268,7 @@ class Tracker:
             from mlflow.entities import Metric
 
             stamp = int(time.time() * 1000)
-            metrics = [Metric("final_test_accuracy", float(summary["test_accuracy"]), stamp, summary["steps"])]
+            metrics = [Metric(f"final_{split}_accuracy", float(summary[f"{split}_accuracy"]), stamp, summary["steps"])]
             if math.isfinite(summary["epsilon"]):  # infinite for the non-private ceiling
                 metrics.append(Metric("final_epsilon", float(summary["epsilon"]), stamp, summary["steps"]))
             self.client.log_batch(self.run_id, metrics=metrics)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from dpmix_dist.augment import GroupBuilder
 from dpmix_dist.config import Config, ConfigError, check_against_dataset, config_to_dict
 from dpmix_dist.data.shards import load_split, read_metadata
-from dpmix_dist.data.store import ExampleStore
+from dpmix_dist.data.store import ExampleStore, feature_cache_key
 from dpmix_dist.data.transforms import to_model_input
 from dpmix_dist.distributed import Distributed
 from dpmix_dist.errors import DataError
@@ -137,7 +137,11 @@ class Trainer:
         if self.metadata.get("synthetic"):
             raise DataError(f"data.root: {config.data.root} holds synthetic images; point it at the private data set")
         self.num_train = self.metadata["splits"]["train"]["num_examples"]
-        self.num_test = self.metadata["splits"]["test"]["num_examples"]
+        eval_split = config.data.eval_split
+        if eval_split not in self.metadata["splits"]:
+            raise DataError(f"data.eval_split={eval_split}: {config.data.root} has no {eval_split} split; write one with "
+                            "launch/prepare_data.py --validation-count N (carved from the public part), or use test")  # fmt: skip
+        self.accuracy_key = f"{eval_split}_accuracy"
         check_against_dataset(config, self.num_train)
         check_model_name(config.model.name)  # before σ calibration, which takes seconds
         self.guarantee = plan_guarantee(config, self.num_train)
@@ -188,7 +192,8 @@ class Trainer:
         self.groups = self._group_builder()
         # Decoding shards and caching features happen here, so a corrupt shard fails before any output is written.
         self.train_store = self._store("train", "caching train features")
-        self.test_store = self._store("test", "caching test features")
+        self.eval_store = self._store(eval_split, f"caching {eval_split} features")
+        self.synthetic_store = self._synthetic_store()
 
     # ------------------------------------------------------------------------------------------ data
 
@@ -229,15 +234,38 @@ class Trainer:
                 raise DataError(f"augment.num_synthetic={a.num_synthetic} is more than the {len(synthetic)} images "
                                 f"in {a.synthetic_root}; lower it or generate more")  # fmt: skip
         # `_pixels`: the builder gathers views into new tensors, which `_groups` puts in the model's layout once
-        return GroupBuilder(a, self.metadata["num_classes"], self._pixels, synthetic)
+        return GroupBuilder(a, self.metadata["num_classes"], self._pixels, self.config.data.image_size, synthetic)
 
     def _store(self, split: str, desc: str) -> ExampleStore:
         with self.dist.local_main_first():  # the node's first process decodes the shards; the others reuse it
             data = load_split(self.config.data.root, split, self.config.data.cache_dir)
         owned = owned_indices(len(data), self.dist.rank, self.dist.world_size)
+        # Evaluation images are never augmented; training images are, except under dpsgd.
+        caching = self.config.performance.cache_frozen_features and (split != "train" or self.config.augment.method == "dpsgd")
+        return self._example_store(data, owned, split, desc, caching, self.metadata["splits"][split]["shards"])
+
+    def _synthetic_store(self) -> ExampleStore | None:
+        """dpmix_diff's unmixed synthetic members enter the group unaugmented, so their frozen features are computed
+        once per run (every rank holds all of them: any example may draw any image). None when nothing is cached."""
+        a = self.config.augment
+        if self.groups is None or self.groups.synthetic is None or not a.include_unmixed:
+            return None
+        if not self.config.performance.cache_frozen_features:
+            return None
+        synthetic, shards = self.groups.synthetic, read_metadata(a.synthetic_root)["splits"]["train"]["shards"]
+        return self._example_store(synthetic, torch.arange(len(synthetic)), "synthetic", "caching synthetic features",
+                                   True, shards)  # fmt: skip
+
+    def _example_store(self, data, owned: torch.Tensor, split: str, desc: str, caching: bool, shards: dict) -> ExampleStore:
         perf = self.config.performance
-        # Test images are never augmented; training images are, except under dpsgd.
-        caching = perf.cache_frozen_features and (split == "test" or self.config.augment.method == "dpsgd")
+        cache_file = None
+        if caching and perf.feature_cache_on_disk:  # reused by the next run on the same data and model (a sweep)
+            m = self.config.model
+            key = feature_cache_key(self.dp_model.model, shards, owned, image_size=self.config.data.image_size,
+                                    model_name=m.name, norm=m.norm, cut=[m.trainable, m.num_trainable_blocks],
+                                    channels_last=perf.channels_last, batch_size=perf.eval_batch_size,
+                                    threads=torch.get_num_threads(), device=self.dist.device.type)  # fmt: skip
+            cache_file = Path(self.config.data.cache_dir) / "features" / f"{key}.pt"
         if caching and len(owned):
             with torch.no_grad():
                 per_example = self.dp_model.split.prefix(self._to_input(data.images[:1])).numel() * 4
@@ -250,7 +278,7 @@ class Trainer:
         bar = tqdm(total=len(owned), desc=desc, unit="img", disable=not (self.dist.is_main and caching and self.config.run.progress_bar))
         store = ExampleStore(
             data, owned, self._to_input, self.dp_model.split.prefix, cache_features=caching,
-            batch_size=self.config.performance.eval_batch_size, progress=bar.update,
+            batch_size=self.config.performance.eval_batch_size, progress=bar.update, cache_file=cache_file,
         )  # fmt: skip
         bar.close()
         return store
@@ -274,13 +302,19 @@ class Trainer:
             return store.features(chunk).unsqueeze(1), store.labels(chunk).to(self.dist.device).unsqueeze(1)
         draws = self.groups.draws(self._secret_seed, self.step, chunk)
         members, targets = self.groups.build(draws, store.split.images[chunk.numpy()], store.labels(chunk))
-        b, g = members.shape[:2]
+        b, cached = len(chunk), None
+        if self.synthetic_store is not None:  # the S unmixed synthetic members (after the K views): cached per run
+            k, s = self.config.augment.num_views, self.config.augment.num_synthetic
+            cached = self.synthetic_store.features(torch.from_numpy(draws.synthetic.reshape(-1))).unflatten(0, (b, s))
+            members = torch.cat([members[:, :k], members[:, k + s :]], dim=1)
         flat = members.flatten(0, 1)
         if self.config.performance.channels_last:
             flat = flat.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
-            features = self.dp_model.split.prefix(flat)
-        return features.unflatten(0, (b, g)), targets
+            features = self.dp_model.split.prefix(flat).unflatten(0, (b, members.shape[1]))
+        if cached is not None:
+            features = torch.cat([features[:, :k], cached.to(features.dtype), features[:, k:]], dim=1)
+        return features, targets
 
     def _forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.dp_model.tail_module, params, (x,))
@@ -316,7 +350,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, store: ExampleStore) -> float:
-        """Accuracy on the test split (each rank scores its part; counts are summed)."""
+        """Accuracy on the evaluation split (each rank scores its part; counts are summed)."""
         counts = torch.zeros(2, device=self.dist.device, dtype=torch.float64)
         for chunk in store.owned.split(self.config.performance.eval_batch_size):
             logits = self.dp_model.split.tail(store.features(chunk))
@@ -330,7 +364,7 @@ class Trainer:
     def train(self) -> dict:
         """Run the remaining steps (all of them, unless `resume()` loaded a checkpoint)."""
         g, run = self.guarantee, self.config.run
-        train_store, test_store = self.train_store, self.test_store
+        train_store, eval_store = self.train_store, self.eval_store
         steps_per_epoch = 1.0 / g.sample_rate
         eval_every = max(1, round(run.eval_every_epochs * steps_per_epoch))
         ckpt_every = max(1, round(run.checkpoint_every_epochs * steps_per_epoch))
@@ -342,13 +376,13 @@ class Trainer:
                 loss = self.train_step(train_store)
                 if self.step % eval_every == 0 or self.step == g.steps:
                     self.dist.check_identical(torch.cat([p.detach().flatten() for p in self.params.values()]), "parameters")
-                    epsilon, accuracy = g.epsilon(self.step), self.evaluate(test_store)
-                    record = {"step": self.step, "epsilon": epsilon, "test_accuracy": accuracy,
+                    epsilon, accuracy = g.epsilon(self.step), self.evaluate(eval_store)
+                    record = {"step": self.step, "epsilon": epsilon, self.accuracy_key: accuracy,
                               "train_loss": self._train_loss()}  # fmt: skip
                     self.history.append(record)
                     if self.on_eval is not None and self.dist.is_main:
                         self.on_eval(record)
-                    bar.write(f"step {self.step}/{g.steps}  ε={epsilon:.3f}  test accuracy {accuracy:.4f}")
+                    bar.write(f"step {self.step}/{g.steps}  ε={epsilon:.3f}  {self.config.data.eval_split} accuracy {accuracy:.4f}")
                 if self.step % ckpt_every == 0 and self.step < g.steps:
                     self._save_checkpoint()
                 bar.set_postfix(loss=f"{loss:.3f}", eps=f"{epsilon:.2f}/{self.config.privacy.target_epsilon:g}")
@@ -374,7 +408,8 @@ class Trainer:
         if g.private and final_epsilon > self.config.privacy.target_epsilon:  # cannot happen by construction; never publish it
             raise RuntimeError(f"spent ε={final_epsilon} > target {self.config.privacy.target_epsilon}")
         summary = {
-            "test_accuracy": accuracy,
+            self.accuracy_key: accuracy,
+            "eval_split": self.config.data.eval_split,
             "epsilon": final_epsilon,
             "delta": g.delta,
             "accountant": g.accountant,

@@ -9,9 +9,19 @@
     python launch/prepare_data.py fashion_mnist --out data/fashion_mnist \
         --public-out data/fashion_mnist_public --public-count 10000
 
+    # ... plus a validation split carved from the PUBLIC part (for tuning), and a small private subset
+    python launch/prepare_data.py fashion_mnist --out data/fashion_mnist \
+        --public-out data/fashion_mnist_public --public-count 10000 --validation-count 2000 \
+        --subset-out data/fashion_mnist_2k --subset-count 2000
+
 With --public-out, --out holds only the private part of the train split (what fine-tuning may use) and
 --public-out the disjoint public part; both hold the test split, and both record the split in metadata.json
 ("split": role, seed, counts, SHA-256 of the source indices of either part) and in source_indices.npy.
+--validation-count V moves V public examples into a `validation` split written to every output folder (the public
+folder's train split keeps the rest, so a generator trained on it never sees them); runs choose settings on it
+with data.eval_split=validation, never on the test split. --subset-out writes a private folder whose train split
+is --subset-count examples of the private part, at positions drawn from the split seed alone (data-independent),
+recorded under "subset". All choices of indices depend only on --split-seed, which is public.
 The output folders appear only when complete; existing ones are kept unless --overwrite.
 """
 
@@ -28,8 +38,8 @@ import numpy as np
 
 from dpmix_dist.data.shards import write_dataset
 from dpmix_dist.data.sources import (
-    FASHION_MNIST_DEFAULT_DIR, SPLIT_INDICES, DataError, read_cifar, read_fashion_mnist, read_image_folder,
-    split_public_private,
+    FASHION_MNIST_DEFAULT_DIR, SPLIT_INDICES, VALIDATION_INDICES, DataError, RawDataset, RawSplit, carve_validation,
+    private_subset, read_cifar, read_fashion_mnist, read_image_folder, split_public_private,
 )  # fmt: skip
 
 
@@ -41,6 +51,53 @@ def _npy(array: np.ndarray) -> bytes:
 
 def _digest(indices: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(indices, dtype=np.int64).tobytes()).hexdigest()
+
+
+def _with(dataset: RawDataset, name: str, train_idx: np.ndarray, validation_idx: np.ndarray | None) -> RawDataset:
+    """`dataset` with its train split cut to `train_idx` (source indices) and, if given, a validation split."""
+    train = dataset.splits["train"]
+    splits = {**dataset.splits, "train": RawSplit(train.images[train_idx], train.labels[train_idx])}
+    if validation_idx is not None:
+        splits["validation"] = RawSplit(train.images[validation_idx], train.labels[validation_idx])
+    return RawDataset(name, dataset.classes, splits, dataset.source)
+
+
+def _write_split(dataset: RawDataset, args: argparse.Namespace) -> list[tuple[Path, RawDataset]]:
+    """The private part, the public part and, if asked, the private subset, each with the split recorded."""
+    _, _, private_idx, public_idx = split_public_private(dataset, args.public_count, args.split_seed)
+    public_train_idx, validation_idx = public_idx, None
+    if args.validation_count is not None:
+        public_train_idx, validation_idx = carve_validation(public_idx, args.validation_count, args.split_seed)
+    split = {
+        "source_split": "train",
+        "source_num_examples": int(len(private_idx) + len(public_idx)),
+        "split_seed": args.split_seed,
+        "public_count": int(len(public_idx)),
+        "private_count": int(len(private_idx)),
+        "public_indices_sha256": _digest(public_idx),  # the whole public part (its train split and validation)
+        "private_indices_sha256": _digest(private_idx),
+        "indices_file": SPLIT_INDICES,  # the source indices of this folder's train split
+    }
+    files = {}
+    if validation_idx is not None:
+        split.update(validation_count=int(len(validation_idx)), validation_indices_sha256=_digest(validation_idx),
+                     validation_indices_file=VALIDATION_INDICES)  # fmt: skip
+        files[VALIDATION_INDICES] = _npy(validation_idx)
+    parts = [("private", private_idx, dataset.name, args.out, {}),
+             ("public", public_train_idx, f"{dataset.name}_public", args.public_out, {})]  # fmt: skip
+    if args.subset_out is not None:
+        subset_idx = private_subset(private_idx, args.subset_count, args.split_seed)
+        subset = {"of": str(args.out), "count": int(len(subset_idx)), "seed": args.split_seed,
+                  "indices_sha256": _digest(subset_idx)}  # fmt: skip
+        parts.append(("private", subset_idx, f"{dataset.name}_{len(subset_idx)}", args.subset_out, {"subset": subset}))
+    written = []
+    for role, idx, name, out, extra in parts:
+        partner = args.out if role == "public" else args.public_out
+        meta = {"split": {"role": role, "partner": str(partner), **split}, **extra}
+        part = _with(dataset, name, idx, validation_idx)
+        root = write_dataset(part, out, overwrite=args.overwrite, extra=meta, extra_files={SPLIT_INDICES: _npy(idx), **files})
+        written.append((root, part))
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--public-out", type=Path, default=None,
                         help="also write a disjoint public part of the train split here (see above)")
     parser.add_argument("--public-count", type=int, default=None, help="examples in the public part (with --public-out)")
-    parser.add_argument("--split-seed", type=int, default=0, help="seed of the public/private split (it is public)")
+    parser.add_argument("--validation-count", type=int, default=None,
+                        help="with --public-out: public examples moved into a validation split (for tuning)")
+    parser.add_argument("--subset-out", type=Path, default=None,
+                        help="with --public-out: also write a private folder holding --subset-count private examples")
+    parser.add_argument("--subset-count", type=int, default=None, help="examples in the private subset (with --subset-out)")
+    parser.add_argument("--split-seed", type=int, default=0,
+                        help="seed of the public/private split, the validation carve and the subset (it is public)")
     args = parser.parse_args(argv)
     try:
         if args.image_size is not None and (args.dataset != "imagefolder" or args.image_size < 1):
@@ -67,7 +130,15 @@ def main(argv: list[str] | None = None) -> int:
             raise DataError("--public-out DIR and --public-count N go together (the public part and its size)")
         if args.public_out is not None and args.public_out.resolve() == args.out.resolve():
             raise DataError("--public-out must differ from --out: the public and private parts live in separate folders")
-        for out in (args.out, args.public_out):
+        if args.public_out is None and (args.validation_count is not None or args.subset_out is not None):
+            raise DataError("--validation-count and --subset-out need --public-out (validation data is carved from the "
+                            "public part; the subset is of the private part)")  # fmt: skip
+        if (args.subset_out is None) != (args.subset_count is None):
+            raise DataError("--subset-out DIR and --subset-count N go together (the subset's folder and its size)")
+        outs = [o for o in (args.out, args.public_out, args.subset_out) if o is not None]
+        if len({o.resolve() for o in outs}) != len(outs):
+            raise DataError("--out, --public-out and --subset-out must be different folders")
+        for out in outs:
             if out is not None and out.exists() and not args.overwrite:
                 raise DataError(f"{out} already exists; pass --overwrite to replace it")
         if args.dataset == "fashion_mnist":
@@ -81,24 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.public_out is None:
             written = [(write_dataset(dataset, args.out, overwrite=args.overwrite), dataset)]
         else:
-            private, public, private_idx, public_idx = split_public_private(dataset, args.public_count, args.split_seed)
-            split = {
-                "source_split": "train",
-                "source_num_examples": int(len(private_idx) + len(public_idx)),
-                "split_seed": args.split_seed,
-                "public_count": int(len(public_idx)),
-                "private_count": int(len(private_idx)),
-                "public_indices_sha256": _digest(public_idx),
-                "private_indices_sha256": _digest(private_idx),
-                "indices_file": SPLIT_INDICES,
-            }
-            written = []
-            for role, part, idx, out, partner in (("private", private, private_idx, args.out, args.public_out),
-                                                  ("public", public, public_idx, args.public_out, args.out)):
-                extra = {"split": {"role": role, "partner": str(partner), **split}}
-                root = write_dataset(part, out, overwrite=args.overwrite, extra=extra,
-                                     extra_files={SPLIT_INDICES: _npy(idx)})
-                written.append((root, part))
+            written = _write_split(dataset, args)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

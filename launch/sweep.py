@@ -104,8 +104,10 @@ def _run_overrides(common: list[str], scoped: dict[str, list[str]], combo: dict)
 def _table(rows: list[dict]) -> tuple[str, str, dict]:
     """CSV of every run, a Markdown table of mean ± std per (method, ε), and the series for the plot."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["method", "target_epsilon", "replicate", "test_accuracy",
-                                                "epsilon_spent", "delta", "steps", "noise_multiplier"])  # fmt: skip
+    metric = next(k for k in rows[0] if k.endswith("_accuracy"))  # test_accuracy, or validation_accuracy when tuning
+    writer = csv.DictWriter(buffer, fieldnames=["method", "target_epsilon", "replicate", metric, "epsilon_spent",
+                                                "delta", "steps", "noise_multiplier", "num_train_examples", "group_size",
+                                                "train_seconds"])  # fmt: skip
     writer.writeheader()
     for row in rows:
         writer.writerow({k: row[k] for k in writer.fieldnames})
@@ -117,7 +119,7 @@ def _table(rows: list[dict]) -> tuple[str, str, dict]:
     for method in methods:
         cells = []
         for e in epsilons:
-            accs = [100 * r["test_accuracy"] for r in rows if r["method"] == method and r["target_epsilon"] == e]
+            accs = [100 * r[metric] for r in rows if r["method"] == method and r["target_epsilon"] == e]
             if not accs:
                 cells.append("–")
                 continue
@@ -129,7 +131,7 @@ def _table(rows: list[dict]) -> tuple[str, str, dict]:
     return buffer.getvalue(), "\n".join(lines) + "\n", series
 
 
-def _plot(series: dict, path: Path, title: str) -> None:
+def _plot(series: dict, path: Path, title: str, metric: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,7 +148,7 @@ def _plot(series: dict, path: Path, title: str) -> None:
             ax.axhline(mean, linestyle="--", color=color, label=f"{method}, non-private")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("ε (target; δ fixed)")
-    ax.set_ylabel("final test accuracy (%)")
+    ax.set_ylabel(f"final {metric.replace('_', ' ')} (%)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -249,14 +251,17 @@ def main(argv: list[str] | None = None) -> int:
     for combo in combos:
         s = json.loads((out / combo["name"] / "summary.json").read_text())
         rows.append({"method": combo["method"], "target_epsilon": combo["epsilon"], "replicate": combo["replicate"],
-                     "test_accuracy": s["test_accuracy"], "epsilon_spent": s["epsilon"], "delta": s["delta"],
-                     "steps": s["steps"], "noise_multiplier": s["noise_multiplier"]})  # fmt: skip
+                     f"{s['eval_split']}_accuracy": s[f"{s['eval_split']}_accuracy"], "epsilon_spent": s["epsilon"],
+                     "delta": s["delta"], "steps": s["steps"], "noise_multiplier": s["noise_multiplier"],
+                     "num_train_examples": s["num_train_examples"], "group_size": s["group_size"],
+                     "train_seconds": s["train_seconds"]})  # fmt: skip
     table_csv, table_md, series = _table(rows)
     (out / "results.csv").write_text(table_csv)
     (out / "results.md").write_text(table_md)
     shown = [o for o in args.overrides if not o.startswith(("tracking.", "run.", "performance.", "data.root", "data.cache"))]
+    metric = next(k for k in rows[0] if k.endswith("_accuracy"))
     _plot(series, out / "accuracy_vs_epsilon.png",
-          f"{Path(args.config).stem} ({len(args.seeds)} replicate(s)) {' '.join(shown)}"[:80])
+          f"{Path(args.config).stem} ({len(args.seeds)} replicate(s)) {' '.join(shown)}"[:80], metric)
     for name in ("results.csv", "results.md", "accuracy_vs_epsilon.png"):
         client.log_artifact(parent_id, str(out / name))
     client.set_terminated(parent_id, status="FINISHED")

@@ -69,18 +69,18 @@ def _spec(**kw) -> AugmentConfig:
 
 def test_draws_are_a_pure_function_of_seed_step_and_example():
     spec = _spec()
-    alone = draw(spec, SEED, 3, torch.tensor([17]), 100)
-    batch = draw(spec, SEED, 3, torch.tensor([4, 17, 99]), 100)
+    alone = draw(spec, SEED, 3, torch.tensor([17]), 100, 2)
+    batch = draw(spec, SEED, 3, torch.tensor([4, 17, 99]), 100, 2)
     for field in ("crops", "flips", "synthetic", "pairs", "lams"):
         assert np.array_equal(getattr(alone, field)[0], getattr(batch, field)[1]), field
-    other_step = draw(spec, SEED, 4, torch.tensor([17]), 100)
-    other_seed = draw(spec, SEED + 1, 3, torch.tensor([17]), 100)
+    other_step = draw(spec, SEED, 4, torch.tensor([17]), 100, 2)
+    other_seed = draw(spec, SEED + 1, 3, torch.tensor([17]), 100, 2)
     assert not np.array_equal(alone.lams, other_step.lams) and not np.array_equal(alone.lams, other_seed.lams)
 
 
 def test_mix_pairs_cover_the_whole_pool_uniformly():
     spec = _spec(num_views=3, num_synthetic=2, num_mixes=8)  # pool of 5: views 0-2, synthetic 3-4
-    pairs = draw(spec, SEED, 0, torch.arange(2000), 50).pairs.reshape(-1, 2)
+    pairs = draw(spec, SEED, 0, torch.arange(2000), 50, 2).pairs.reshape(-1, 2)
     assert (pairs[:, 0] != pairs[:, 1]).all()  # never an image mixed with itself
     for column in (0, 1):
         counts = np.bincount(pairs[:, column], minlength=5)
@@ -89,25 +89,25 @@ def test_mix_pairs_cover_the_whole_pool_uniformly():
 
 
 def test_synthetic_draws_are_distinct_within_an_example_and_cover_the_set():
-    d = draw(_spec(num_synthetic=3), SEED, 0, torch.arange(3000), 40)
+    d = draw(_spec(num_synthetic=3), SEED, 0, torch.arange(3000), 40, 2)
     assert all(len(set(row)) == 3 for row in d.synthetic.tolist())
     assert stats.chisquare(np.bincount(d.synthetic.ravel(), minlength=40)).pvalue > 1e-3
 
 
 def test_lambda_follows_beta_alpha_alpha():
-    lams = draw(_spec(mix_alpha=0.2), SEED, 0, torch.arange(2000), 50).lams.ravel()
+    lams = draw(_spec(mix_alpha=0.2), SEED, 0, torch.arange(2000), 50, 2).lams.ravel()
     assert stats.kstest(lams, stats.beta(0.2, 0.2).cdf).pvalue > 1e-3
     assert stats.kstest(lams, stats.beta(1.0, 1.0).cdf).pvalue < 1e-6  # the test can tell α apart
-    lams = draw(_spec(mix_alpha=1.0), SEED, 1, torch.arange(2000), 50).lams.ravel()
+    lams = draw(_spec(mix_alpha=1.0), SEED, 1, torch.arange(2000), 50, 2).lams.ravel()
     assert stats.kstest(lams, stats.beta(1.0, 1.0).cdf).pvalue > 1e-3
 
 
 # ---------------------------------------------------------------------------------------------- the members
 
 
-def _naive_views(x: torch.Tensor, crops, flips, spec: AugmentConfig) -> list[torch.Tensor]:
-    """One example's views, one at a time: reflect-pad, crop, mirror."""
-    s, p = x.shape[-1], spec.crop_padding
+def _naive_views(x: torch.Tensor, crops, flips, spec: AugmentConfig, p: int) -> list[torch.Tensor]:
+    """One example's views, one at a time: reflect-pad by p pixels, crop, mirror."""
+    s = x.shape[-1]
     views = []
     for (top, left), flip in zip(crops, flips):
         v = F.pad(x[None], (p, p, p, p), mode="reflect")[0, :, top : top + s, left : left + s] if "crop" in spec.transforms else x
@@ -117,12 +117,12 @@ def _naive_views(x: torch.Tensor, crops, flips, spec: AugmentConfig) -> list[tor
 
 @pytest.mark.parametrize("transforms", [("crop", "flip"), ("flip",), ("crop",), ()])
 def test_views_are_crops_and_flips_of_the_example(transforms):
-    spec = _spec(transforms=transforms, crop_padding=3)
+    spec = _spec(transforms=transforms)
     x = torch.randn(8, 3, 12, 12)
-    d = draw(spec, SEED, 0, torch.arange(8), 10)
-    views = self_augment(x, d.crops, d.flips, spec)
+    d = draw(spec, SEED, 0, torch.arange(8), 10, 2)
+    views = self_augment(x, d.crops, d.flips, spec, d.padding)
     for r in range(8):
-        for k, naive in enumerate(_naive_views(x[r], d.crops[r], d.flips[r], spec)):
+        for k, naive in enumerate(_naive_views(x[r], d.crops[r], d.flips[r], spec, d.padding)):
             assert torch.equal(views[r, k], naive)
     if transforms:
         assert not torch.equal(views[:, 0], views[:, 1])  # views differ from one another
@@ -135,7 +135,7 @@ def _builder(spec: AugmentConfig, syn_labels: np.ndarray | None = None):
     synthetic = None
     if syn_labels is not None:
         synthetic = Split(class_images(syn_labels, 16, 3, seed=9), syn_labels.astype(np.int64))
-    return GroupBuilder(spec, 10, to_input, synthetic)
+    return GroupBuilder(spec, 10, to_input, 16, synthetic)
 
 
 @pytest.mark.parametrize("method", ["dpmix_self", "dpmix_diff"])
@@ -223,7 +223,7 @@ def _naive_clipped_sum(trainer: Trainer, chunk: torch.Tensor) -> torch.Tensor:
         if draws is None:
             members, targets = [x], [label]
         else:
-            members = _naive_views(x, draws.crops[r], draws.flips[r], spec)
+            members = _naive_views(x, draws.crops[r], draws.flips[r], spec, draws.padding)
             targets = [label] * len(members)
             syn = trainer.groups.synthetic
             for j in draws.synthetic[r]:
@@ -275,7 +275,8 @@ def test_groups_on_cuda(data, tmp_path, method):
     cuda = _trainer(data, tmp_path, method, device="cuda")
     assert cuda.dist.device.type == "cuda"
     size, (mean, std) = cuda.config.data.image_size, (cuda._mean, cuda._std)
-    cpu = GroupBuilder(cuda.config.augment, 10, lambda im: to_model_input(im, size, mean, std, "cpu"), cuda.groups.synthetic)
+    cpu = GroupBuilder(cuda.config.augment, 10, lambda im: to_model_input(im, size, mean, std, "cpu"), size,
+                       cuda.groups.synthetic)
     chunk = _sampled(cuda)[:12]
     draws = cuda.groups.draws(SEED, 0, chunk)
     images, labels = cuda.train_store.split.images[chunk.numpy()], cuda.train_store.labels(chunk)
@@ -336,7 +337,8 @@ def test_non_private_ceiling_has_no_clipping_no_noise_and_infinite_epsilon(data,
     (["augment.method=self_aug", "augment.num_views=2", "augment.num_mixes=2"], "num_mixes=0"),
     (["augment.method=dpmix_diff", "augment.num_views=2", "augment.num_mixes=2"], "synthetic_root"),
     (["augment.method=self_aug", "augment.num_views=2", "augment.transforms=[crop, rotate]"], "choose distinct names"),
-    (["augment.method=self_aug", "augment.num_views=2", "augment.crop_padding=40"], "crop_padding"),
+    (["augment.method=self_aug", "augment.num_views=2", "augment.crop_padding_fraction=0.6"], "crop_padding_fraction"),
+    (["augment.method=self_aug", "augment.num_views=2", "augment.crop_padding=4"], "crop_padding_fraction"),
     (["augment.method=dpsgd", "augment.num_views=4"], "method=self_aug"),
 ])  # fmt: skip
 def test_bad_augment_settings_are_named(overrides, match):

@@ -156,6 +156,26 @@ def read_image_folder(root: str | Path, image_size: int | None) -> RawDataset:
 
 
 SPLIT_INDICES = "source_indices.npy"
+VALIDATION_INDICES = "validation_indices.npy"
+
+
+def carve_validation(public_idx: np.ndarray, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split the public indices into (public train, validation), both sorted. Only public examples are ever
+    candidates, so validation data is never private or test data; the choice depends on the public seed alone."""
+    if not 0 < count < len(public_idx):
+        raise DataError(f"--validation-count must be between 1 and {len(public_idx) - 1} (the public part has "
+                        f"{len(public_idx)} examples), got {count}")  # fmt: skip
+    order = np.random.default_rng([seed, 1]).permutation(len(public_idx))
+    return np.sort(public_idx[order[count:]]), np.sort(public_idx[order[:count]])
+
+
+def private_subset(private_idx: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """`count` of the private indices, sorted, at positions drawn from the public seed alone: which examples are
+    kept does not depend on any image or label (the subset is data-independent, so it costs no privacy)."""
+    if not 0 < count <= len(private_idx):
+        raise DataError(f"--subset-count must be between 1 and {len(private_idx)} (the private part), got {count}")
+    positions = np.random.default_rng([seed, 2]).permutation(len(private_idx))[:count]
+    return np.sort(private_idx[positions])
 
 
 def split_public_private(

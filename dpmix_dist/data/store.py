@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -23,6 +27,7 @@ class ExampleStore:
         cache_features: run `prefix` once per example now and keep the result (exact when nothing random
             happens before the prefix, i.e. no augmentation).
         batch_size: examples per prefix call while caching.
+        cache_file: where the cached features are kept between runs (see `feature_cache_key`); None: memory only.
     """
 
     def __init__(
@@ -35,6 +40,7 @@ class ExampleStore:
         cache_features: bool,
         batch_size: int,
         progress: Callable[[int], None] | None = None,
+        cache_file: Path | None = None,
     ) -> None:
         self.split = split
         self.owned = owned
@@ -42,9 +48,18 @@ class ExampleStore:
         self._prefix = prefix
         self._labels = torch.from_numpy(split.labels)
         self._cache: torch.Tensor | None = None
-        if cache_features:
+        if cache_features and cache_file is not None and cache_file.is_file():
+            self._cache = torch.load(cache_file, weights_only=True)  # onto the device it was computed on
+            if progress is not None:
+                progress(len(owned))
+        elif cache_features:
             chunks = [self._compute(chunk, progress) for chunk in owned.split(batch_size)]
             self._cache = torch.cat(chunks) if chunks else None
+            if cache_file is not None and self._cache is not None:
+                cache_file.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.partial")
+                torch.save(self._cache, tmp)
+                os.replace(tmp, cache_file)  # readers see the whole file or none
 
     def __len__(self) -> int:
         return len(self.owned)
@@ -55,6 +70,10 @@ class ExampleStore:
         if progress is not None:
             progress(len(global_indices))
         return out
+
+    @property
+    def cached(self) -> torch.Tensor | None:
+        return self._cache
 
     def features(self, global_indices: torch.Tensor) -> torch.Tensor:
         """Prefix output for these (owned) examples, in the given order."""
@@ -67,3 +86,17 @@ class ExampleStore:
 
     def labels(self, global_indices: torch.Tensor) -> torch.Tensor:
         return self._labels[global_indices]
+
+
+def feature_cache_key(model: torch.nn.Module, shards: dict, owned: torch.Tensor, **settings) -> str:
+    """A digest of everything the cached features depend on: every weight and buffer of the model as built (the
+    frozen prefix among them), the split's shard digests, the examples held, and the settings that reach the
+    prefix (where the model is cut, input size, memory layout, batch size, threads, torch version). Equal keys give
+    bit-identical features."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    h.update(json.dumps({"shards": shards, "settings": settings, "torch": torch.__version__}, sort_keys=True).encode())
+    h.update(owned.numpy().tobytes())
+    return h.hexdigest()[:32]

@@ -1,0 +1,57 @@
+"""Pick the DP-Mix comparison's settings from the tuning sweeps' validation accuracy (docs/results/dpmix_small.sh).
+
+    python docs/results/pick_settings.py crop runs/dpmix-small          # crop_padding_fraction (self_aug)
+    python docs/results/pick_settings.py lr runs/dpmix-small METHOD     # learning rate of METHOD
+    python docs/results/pick_settings.py show runs/dpmix-small          # every tuning result, and the choices
+
+Only `validation_accuracy` (PUBLIC validation images) is read; a sweep that measured anything else is refused.
+Ties go to the first value in the list (the smaller padding, the smaller learning rate).
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+CROPS = ("0", "0.03", "0.125")
+LRS = ("1", "3", "9")
+
+
+def _accuracy(folder: Path, method: str) -> float:
+    rows = list(csv.DictReader((folder / "results.csv").open()))
+    if not rows or "validation_accuracy" not in rows[0]:
+        raise SystemExit(f"{folder}/results.csv has no validation_accuracy column: settings are chosen on validation only")
+    values = [float(r["validation_accuracy"]) for r in rows if r["method"] == method]
+    if not values:
+        raise SystemExit(f"{folder}/results.csv has no {method} run")
+    return sum(values) / len(values)
+
+
+def best(out: Path, what: str, method: str = "self_aug") -> str:
+    values = CROPS if what == "crop" else LRS
+    scores = {v: _accuracy(out / f"tune-{what}-{v}", method) for v in values}
+    return max(values, key=lambda v: (scores[v], -values.index(v)))
+
+
+def main(argv: list[str]) -> None:
+    what, out = argv[0], Path(argv[1])
+    if what == "crop":
+        print(best(out, "crop"))
+    elif what == "lr":
+        print(best(out, "lr", argv[2]))
+    else:
+        for kind, values, methods in (("crop", CROPS, ["self_aug"]),
+                                      ("lr", LRS, ["dpsgd", "self_aug", "dpmix_self", "dpmix_diff"])):  # fmt: skip
+            for method in methods:
+                scores = {}
+                for v in values:
+                    try:
+                        scores[v] = f"{100 * _accuracy(out / f'tune-{kind}-{v}', method):.2f}"
+                    except (SystemExit, FileNotFoundError):
+                        scores[v] = "–"
+                print(f"{kind:4} {method:10} " + "  ".join(f"{v}: {s}" for v, s in scores.items()))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
