@@ -32,9 +32,12 @@ def test_method_scoped_overrides_and_non_private_runs():
 
 def test_table_has_a_non_private_column():
     rows = [{"method": "dpsgd", "target_epsilon": e, "replicate": r, "test_accuracy": a, "epsilon_spent": e,
-             "delta": 1e-5, "steps": 10, "noise_multiplier": 1.0}
+             "delta": 1e-5, "steps": 10, "noise_multiplier": 1.0, "num_train_examples": 2000, "group_size": 1,
+             "train_seconds": 3.0}
             for e, r, a in [(1.0, "0", 0.70), (1.0, "1", 0.72), (math.inf, "0", 0.90)]]  # fmt: skip
-    _, table, series = sweep._table(rows)
+    csv_text, table, series = sweep._table(rows)
+    assert csv_text.splitlines()[0] == ("method,target_epsilon,replicate,test_accuracy,epsilon_spent,delta,steps,"
+                                        "noise_multiplier,num_train_examples,group_size,train_seconds")  # fmt: skip
     assert table.splitlines()[0] == "| method | ε = 1 | non-private |"
     assert "71.00 ± 1.41 (n=2)" in table and "| 90.00 |" in table
     assert series["dpsgd"][-1][0] == math.inf
@@ -60,3 +63,12 @@ def test_options_for_the_swept_methods_need_not_suit_the_configs_own_method():
     config, combos, common, scoped = sweep.plan(args)
     assert config.augment.method == "self_aug" and config.augment.num_views == 3
     assert [c["name"] for c in combos] == ["self_aug-eps1-rep0", "self_aug-eps8-rep0"] and not scoped
+
+
+def test_a_tuning_sweep_reports_validation_accuracy_not_test_accuracy():
+    rows = [{"method": "self_aug", "target_epsilon": 1.0, "replicate": "0", "validation_accuracy": 0.5, "epsilon_spent": 1.0,
+             "delta": 1e-5, "steps": 10, "noise_multiplier": 1.0, "num_train_examples": 2000, "group_size": 4,
+             "train_seconds": 3.0}]  # fmt: skip
+    csv_text, table, _ = sweep._table(rows)
+    assert "validation_accuracy" in csv_text.splitlines()[0] and "test_accuracy" not in csv_text
+    assert "| 50.00 |" in table
