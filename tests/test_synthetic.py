@@ -314,10 +314,12 @@ def test_check_tells_labelled_images_from_noise(reference, split_data, tmp_path)
     results = {}
     for name, folder in (("good", tmp_path / "good"), ("noise", reference)):
         cfg = _gen_config(tmp_path / f"{name}.yaml", Path("unused"), public, folder,
-                          check={"real_data": str(public), "epochs": 20, "batch_size": 16})  # fmt: skip
+                          check={"real_data": str(public), "epochs": 20, "batch_size": 16, "hflip": name == "good"})  # fmt: skip
         proc = _run(["launch/generate.py", "--config", str(cfg), "--check", "--cache-dir", str(tmp_path / "cache")])
         results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
         assert "per_class_synthetic_accuracy" in json.loads((folder / "check.json").read_text())
+        assert results[name]["classifier_hflip"] == (name == "good")  # the flip-trained classifier, recorded
     assert results["good"]["real_test_accuracy"] > 0.9
+    assert results["good"]["real_test_accuracy_mirrored"] > 0.9  # the classes here are bands: mirror-invariant
     assert results["good"]["synthetic_accuracy"] > 0.9
     assert results["noise"]["synthetic_accuracy"] < 0.5

@@ -3,7 +3,10 @@
 # restartable launch/sweep.py call: run the script again and finished runs are skipped.
 #   bash docs/results/dpmix_small.sh tune      # settings chosen on the PUBLIC validation split (never the test set)
 #   bash docs/results/dpmix_small.sh table     # the reported runs: 3 replicates, test split evaluated once per run
-#   bash docs/results/dpmix_small.sh spot      # the paper's K = M = 16 at ε = 1, one replicate
+#   bash docs/results/dpmix_small.sh spot      # the paper's K = M = 16 (S = 8) at ε = 1, one replicate
+# METHODS=a,b limits a stage to those methods; TAG=-x suffixes the tuning folders (the 2026-11-29 runs: `tune` with
+# METHODS=dpsgd,self_aug,dpmix_self, then METHODS=dpmix_diff TAG=-dpmix_diff once `make synthetic` had finished;
+# pick_settings.py reads both).
 # Needs `make data` and `make synthetic` (dpmix_diff). Output: runs/dpmix-small/, CSVs copied to docs/results/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -32,18 +35,20 @@ tune)
   crop=$($PY docs/results/pick_settings.py crop "$OUT")
   # 2. learning rate: the same three choices for every method
   for lr in 1 3 9; do
-    sweep --epsilons 1 --methods "$METHODS" --output-dir "$OUT/tune-lr-$lr" data.eval_split=validation \
+    sweep --epsilons 1 --methods "$METHODS" --output-dir "$OUT/tune-lr-$lr${TAG:-}" data.eval_split=validation \
       optim.lr=$lr augment.crop_padding_fraction=$crop $(sizes "$METHODS")
   done
   $PY docs/results/pick_settings.py show "$OUT" ;;
 table)
   crop=$($PY docs/results/pick_settings.py crop "$OUT")
-  for method in ${METHODS//,/ }; do
-    lr=$($PY docs/results/pick_settings.py lr "$OUT" "$method")
-    extra=()
-    [ "$method" = dpsgd ] && extra=(--non-private dpsgd)
-    sweep --epsilons 1,2,8 --methods "$method" --seeds 0,1,2 "${extra[@]}" --output-dir "$OUT/table-$method" \
-      optim.lr=$lr augment.crop_padding_fraction=$crop $(sizes "$method")
+  for eps in 1 8 2; do  # ε = 1 first: the verdict's point
+    for method in ${METHODS//,/ }; do
+      lr=$($PY docs/results/pick_settings.py lr "$OUT" "$method")
+      extra=()
+      [ "$method" = dpsgd ] && [ "$eps" = 1 ] && extra=(--non-private dpsgd)
+      sweep --epsilons $eps --methods "$method" --seeds 0,1,2 "${extra[@]}" --output-dir "$OUT/table-$method-eps$eps" \
+        optim.lr=$lr augment.crop_padding_fraction=$crop $(sizes "$method")
+    done
   done ;;
 spot)
   crop=$($PY docs/results/pick_settings.py crop "$OUT")

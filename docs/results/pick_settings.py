@@ -18,19 +18,25 @@ CROPS = ("0", "0.03", "0.125")
 LRS = ("1", "3", "9")
 
 
-def _accuracy(folder: Path, method: str) -> float:
-    rows = list(csv.DictReader((folder / "results.csv").open()))
-    if not rows or "validation_accuracy" not in rows[0]:
-        raise SystemExit(f"{folder}/results.csv has no validation_accuracy column: settings are chosen on validation only")
-    values = [float(r["validation_accuracy"]) for r in rows if r["method"] == method]
+def _accuracy(out: Path, what: str, value: str, method: str) -> float:
+    """Mean validation accuracy of `method` over the sweeps tune-WHAT-VALUE and tune-WHAT-VALUE-* (one per group of
+    methods run together)."""
+    values = []
+    for path in [out / f"tune-{what}-{value}" / "results.csv", *sorted(out.glob(f"tune-{what}-{value}-*/results.csv"))]:
+        if not path.is_file():
+            continue
+        rows = list(csv.DictReader(path.open()))
+        if rows and "validation_accuracy" not in rows[0]:
+            raise SystemExit(f"{path} has no validation_accuracy column: settings are chosen on validation only")
+        values += [float(r["validation_accuracy"]) for r in rows if r["method"] == method]
     if not values:
-        raise SystemExit(f"{folder}/results.csv has no {method} run")
+        raise SystemExit(f"no finished {method} run for {what}={value} under {out}")
     return sum(values) / len(values)
 
 
 def best(out: Path, what: str, method: str = "self_aug") -> str:
     values = CROPS if what == "crop" else LRS
-    scores = {v: _accuracy(out / f"tune-{what}-{v}", method) for v in values}
+    scores = {v: _accuracy(out, what, v, method) for v in values}
     return max(values, key=lambda v: (scores[v], -values.index(v)))
 
 
@@ -47,8 +53,8 @@ def main(argv: list[str]) -> None:
                 scores = {}
                 for v in values:
                     try:
-                        scores[v] = f"{100 * _accuracy(out / f'tune-{kind}-{v}', method):.2f}"
-                    except (SystemExit, FileNotFoundError):
+                        scores[v] = f"{100 * _accuracy(out, kind, v, method):.2f}"
+                    except SystemExit:
                         scores[v] = "–"
                 print(f"{kind:4} {method:10} " + "  ".join(f"{v}: {s}" for v, s in scores.items()))
 

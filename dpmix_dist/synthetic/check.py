@@ -73,23 +73,30 @@ def check_synthetic(synthetic_dir: str | Path, real_dir: str | Path, cfg: CheckC
     for _ in range(cfg.epochs):
         model.train()
         for idx in torch.randperm(len(y_train), generator=gen).split(cfg.batch_size):
-            loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
+            x = x_train[idx]
+            if cfg.hflip:
+                x = torch.where(torch.rand(len(idx), 1, 1, 1, generator=gen) < 0.5, x.flip(-1), x)
+            loss = F.cross_entropy(model(x), y_train[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
     real_acc = (_predict(model, x_test) == y_test).float().mean().item()
+    real_mirrored_acc = (_predict(model, x_test.flip(-1)) == y_test).float().mean().item()
     pred = _predict(model, x_syn)
     per_class = {name: (pred[y_syn == c] == c).float().mean().item() for c, name in enumerate(classes)}
     result = {
         "synthetic_accuracy": (pred == y_syn).float().mean().item(),
         "real_test_accuracy": real_acc,
+        "real_test_accuracy_mirrored": real_mirrored_acc,
+        "classifier_hflip": cfg.hflip,
         "per_class_synthetic_accuracy": per_class,
         "num_synthetic": int(len(y_syn)),
         "classifier_trained_on": str(real_dir),
         "classifier_train_seconds": round(time.time() - started, 1),
     }
-    log(f"classifier trained on real public images ({len(y_train)}): real test accuracy {real_acc:.4f}")
+    log(f"classifier trained on real public images ({len(y_train)}{', random flips' if cfg.hflip else ''}): real test "
+        f"accuracy {real_acc:.4f} ({real_mirrored_acc:.4f} on the mirrored test images)")
     log(f"{'class':24} synthetic accuracy")
     for name, acc in per_class.items():
         log(f"{name:24} {acc:.4f}")
