@@ -54,9 +54,10 @@ def main() -> None:
                 rows[name] = _members_per_s(dp.split.prefix, xl, bf16, inference, args.repeats)
                 print(f"{name} {rows[name]:8.0f} members/s", flush=True)
     base = rows[next(iter(rows))]
+    names = {k: "/".join(k.split()) for k in rows}
     print(json.dumps({"threads": torch.get_num_threads(), "image_size": args.image_size, "batch": args.batch,
-                      "members_per_s": {k.split()[0] + "/" + "/".join(k.split()[1:]): round(v) for k, v in rows.items()},
-                      "ratio_vs_fp32_nchw_no_grad": {k.replace("  ", " ").strip(): round(v / base, 2) for k, v in rows.items()}}))
+                      "members_per_s": {names[k]: round(v) for k, v in rows.items()},
+                      "ratio_vs_fp32_nchw_no_grad": {names[k]: round(v / base, 2) for k, v in rows.items()}}))
 
 
 if __name__ == "__main__":

@@ -3,13 +3,15 @@
     python docs/results/summarize.py runs/dpmix-small docs/results
 
 Writes OUT/tuning.csv (every validation run: stage, setting, method, validation accuracy), OUT/table.csv (every
-reported run: the sweeps' results.csv rows) and OUT/spot.csv (the K = M = 16 spot check), and prints the table of
-test accuracy, mean ± std over replicates, per method and ε (non-private last).
+finished reported run, from its summary.json, so a sweep still under way contributes what it has) and OUT/spot.csv
+(the K = M = 16 spot check), and prints the table of test accuracy, mean ± std over replicates, per method and ε
+(non-private last).
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import math
 import statistics
 import sys
@@ -21,6 +23,22 @@ def _rows(folder: Path, **extra) -> list[dict]:
     if not path.is_file():
         return []
     return [{**extra, **row} for row in csv.DictReader(path.open())]
+
+
+def _finished(runs: Path, pattern: str) -> list[dict]:
+    """One row per finished run (its summary.json), also of sweeps still under way; names are METHOD-epsE-repR or
+    METHOD-nonprivate-repR."""
+    rows = []
+    for path in sorted(runs.glob(f"{pattern}/*/summary.json")):
+        s = json.loads(path.read_text())
+        _, eps, rep = path.parent.name.rsplit("-", 2)
+        rows.append({"method": s["method"], "target_epsilon": math.inf if eps == "nonprivate" else float(eps[3:]),
+                     "replicate": rep[3:], "test_accuracy": s["test_accuracy"], "epsilon_spent": s["epsilon"],
+                     "delta": s["delta"], "steps": s["steps"], "noise_multiplier": s["noise_multiplier"],
+                     "num_train_examples": s["num_train_examples"], "group_size": s["group_size"],
+                     "num_views": s["num_views"], "num_synthetic": s["num_synthetic"], "num_mixes": s["num_mixes"],
+                     "train_seconds": s["train_seconds"]})  # fmt: skip
+    return rows
 
 
 def _write(path: Path, rows: list[dict]) -> None:
@@ -36,10 +54,9 @@ def _write(path: Path, rows: list[dict]) -> None:
 def main(runs: Path, out: Path) -> None:
     tuning = []
     for folder in sorted(runs.glob("tune-*")):
-        _, stage, value = folder.name.split("-", 2)
-        tuning += _rows(folder, stage=stage, value=value)
-    table = [row for folder in sorted(runs.glob("table-*")) for row in _rows(folder)]
-    spot = [row for folder in sorted(runs.glob("spot-*")) for row in _rows(folder)]
+        _, stage, value = folder.name.split("-", 2)  # tune-lr-3 or tune-lr-3-dpmix_diff
+        tuning += _rows(folder, stage=stage, value=value.split("-")[0])
+    table, spot = _finished(runs, "table-*"), _finished(runs, "spot-*")
     for name, rows in (("tuning.csv", tuning), ("table.csv", table), ("spot.csv", spot)):
         _write(out / name, rows)
     order = ["dpsgd", "self_aug", "dpmix_self", "dpmix_diff"]
