@@ -25,7 +25,7 @@ from tqdm import tqdm
 from dpmix_dist.augment import GroupBuilder
 from dpmix_dist.config import Config, ConfigError, check_against_dataset, config_to_dict
 from dpmix_dist.data.shards import load_split, read_metadata
-from dpmix_dist.data.store import ExampleStore, feature_cache_key
+from dpmix_dist.data.store import ExampleStore, feature_cache_key, weights_digest
 from dpmix_dist.data.transforms import to_model_input
 from dpmix_dist.distributed import Distributed
 from dpmix_dist.errors import DataError
@@ -190,6 +190,7 @@ class Trainer:
         self.on_eval = None  # main process: called with each history record (e.g. the MLflow tracker)
         self._loss_acc = [0.0, 0]  # this rank's group-loss sum and count since the last evaluation
         self.groups = self._group_builder()
+        self._weights_digest: str | None = None  # of the model as built, for the on-disk feature cache
         # Decoding shards and caching features happen here, so a corrupt shard fails before any output is written.
         self.train_store = self._store("train", "caching train features")
         self.eval_store = self._store(eval_split, f"caching {eval_split} features")
@@ -261,7 +262,9 @@ class Trainer:
         cache_file = None
         if caching and perf.feature_cache_on_disk:  # reused by the next run on the same data and model (a sweep)
             m = self.config.model
-            key = feature_cache_key(self.dp_model.model, shards, owned, image_size=self.config.data.image_size,
+            if self._weights_digest is None:  # once per run, for every store (hashing the weights takes a while)
+                self._weights_digest = weights_digest(self.dp_model.model)
+            key = feature_cache_key(self._weights_digest, shards, owned, image_size=self.config.data.image_size,
                                     model_name=m.name, norm=m.norm, cut=[m.trainable, m.num_trainable_blocks],
                                     channels_last=perf.channels_last, batch_size=perf.eval_batch_size,
                                     threads=torch.get_num_threads(), device=self.dist.device.type)  # fmt: skip

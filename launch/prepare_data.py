@@ -64,7 +64,7 @@ def _with(dataset: RawDataset, name: str, train_idx: np.ndarray, validation_idx:
 
 def _write_split(dataset: RawDataset, args: argparse.Namespace) -> list[tuple[Path, RawDataset]]:
     """The private part, the public part and, if asked, the private subset, each with the split recorded."""
-    _, _, private_idx, public_idx = split_public_private(dataset, args.public_count, args.split_seed)
+    private_idx, public_idx = split_public_private(len(dataset.splits["train"].labels), args.public_count, args.split_seed)
     public_train_idx, validation_idx = public_idx, None
     if args.validation_count is not None:
         public_train_idx, validation_idx = carve_validation(public_idx, args.validation_count, args.split_seed)

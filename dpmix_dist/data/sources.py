@@ -178,25 +178,15 @@ def private_subset(private_idx: np.ndarray, count: int, seed: int) -> np.ndarray
     return np.sort(private_idx[positions])
 
 
-def split_public_private(
-    dataset: RawDataset, public_count: int, seed: int
-) -> tuple[RawDataset, RawDataset, np.ndarray, np.ndarray]:
-    """Split the train split into a disjoint private part and public part (the test split goes to both).
+def split_public_private(num_examples: int, public_count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of a disjoint private part and public part of a train split of `num_examples`, each sorted.
 
     The public part is for models that must never see the private data (e.g. the diffusion generator of
-    DP-Mix_Diff); fine-tuning uses the private part only. Returns (private, public, private_idx, public_idx),
-    the indices into the source train split, each sorted.
+    DP-Mix_Diff); fine-tuning uses the private part only. Returns (private_idx, public_idx); the choice depends on
+    the (public) seed alone.
     """
-    train = dataset.splits["train"]
-    n = len(train.labels)
+    n = num_examples
     if not 0 < public_count < n:
         raise DataError(f"--public-count must be between 1 and {n - 1} (the train split has {n} examples), got {public_count}")
     order = np.random.default_rng(seed).permutation(n)
-    public_idx, private_idx = np.sort(order[:public_count]), np.sort(order[public_count:])
-
-    def part(idx: np.ndarray, role: str) -> RawDataset:
-        splits = {**dataset.splits, "train": RawSplit(train.images[idx], train.labels[idx])}
-        return RawDataset(dataset.name if role == "private" else f"{dataset.name}_public", dataset.classes, splits,
-                          dataset.source)
-
-    return part(private_idx, "private"), part(public_idx, "public"), private_idx, public_idx
+    return np.sort(order[public_count:]), np.sort(order[:public_count])

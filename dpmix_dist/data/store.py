@@ -88,15 +88,21 @@ class ExampleStore:
         return self._labels[global_indices]
 
 
-def feature_cache_key(model: torch.nn.Module, shards: dict, owned: torch.Tensor, **settings) -> str:
-    """A digest of everything the cached features depend on: every weight and buffer of the model as built (the
-    frozen prefix among them), the split's shard digests, the examples held, and the settings that reach the
-    prefix (where the model is cut, input size, memory layout, batch size, threads, torch version). Equal keys give
-    bit-identical features."""
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of every weight and buffer of `model` (names and bytes)."""
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def feature_cache_key(weights: str, shards: dict, owned: torch.Tensor, **settings) -> str:
+    """A digest of everything the cached features depend on: the model's weights as built (`weights_digest`; the
+    frozen prefix among them), the split's shard digests, the examples held, and the settings that reach the
+    prefix (where the model is cut, input size, memory layout, batch size, threads, torch version). Equal keys give
+    bit-identical features."""
+    h = hashlib.sha256(weights.encode())
     h.update(json.dumps({"shards": shards, "settings": settings, "torch": torch.__version__}, sort_keys=True).encode())
     h.update(owned.numpy().tobytes())
     return h.hexdigest()[:32]
