@@ -88,6 +88,11 @@ def run_finetune(args: argparse.Namespace) -> int:
         if config.tracking.enabled:
             tracker = _start_tracker(config, trainer, output_dir, args, dist.world_size)
         g = trainer.guarantee
+        if config.tracking.log_train_loss:
+            print("WARNING: tracking.log_train_loss=true: the mean loss on the sampled PRIVATE examples is recorded "
+                  "without noise (train_loss_not_private in the history, summary and MLflow); it is NOT covered by "
+                  "the (ε, δ) guarantee. Do not share those records beyond those trusted with the data.",
+                  file=sys.stderr, flush=True)  # fmt: skip
         if not g.private:
             print("WARNING: privacy.enabled=false: NON-PRIVATE fine-tuning (no clipping, no noise, ε = ∞), a ceiling "
                   "for comparisons. Never publish this model as private.", file=sys.stderr, flush=True)  # fmt: skip
@@ -137,6 +142,7 @@ def _signals_deferred():
 def _start_tracker(config, trainer, output_dir: Path, args: argparse.Namespace, world_size: int):
     """The main process's MLflow run: params, the planned guarantee as tags, metrics at every evaluation."""
     from dpmix_dist.tracking import Tracker, guarantee_tags
+    from dpmix_dist.train import NOT_PRIVATE_LOSS
 
     g = trainer.guarantee
     planned = {"epsilon": g.epsilon(g.steps), "delta": g.delta, "noise_multiplier": g.noise_multiplier,
@@ -157,8 +163,9 @@ def _start_tracker(config, trainer, output_dir: Path, args: argparse.Namespace, 
         metrics = {trainer.accuracy_key: record[trainer.accuracy_key]}
         if math.isfinite(record["epsilon"]):  # a non-private run has no ε to plot
             metrics["epsilon"] = record["epsilon"]
-        if config.tracking.log_train_loss and record["train_loss"] == record["train_loss"]:  # not NaN
-            metrics["train_loss"] = record["train_loss"]
+        loss = record.get(NOT_PRIVATE_LOSS)  # only with tracking.log_train_loss=true, under a name that warns
+        if loss is not None and loss == loss:  # not NaN
+            metrics[NOT_PRIVATE_LOSS] = loss
         tracker.log_metrics(record["step"], metrics)
 
     trainer.on_eval = on_eval

@@ -278,10 +278,11 @@ class TrackingConfig:
     tags and description). Empty: log the model without registering it."""
     parent_run_id: str = ""
     """Nest this run under another (set by launch/sweep.py)."""
-    log_train_loss: bool = True
-    """Log `train_loss` (mean loss of the sampled private examples per evaluation interval). It is computed on
-    private data without noise, so it is NOT covered by the (ε, δ) guarantee: turn it off for runs whose
-    tracker is shared beyond those trusted with the data."""
+    log_train_loss: bool = False
+    """Record `train_loss_not_private`, the mean loss of the sampled private examples per evaluation interval, in
+    the history, summary.json and MLflow. It is computed on private data without noise, so it is NOT covered by
+    the (ε, δ) guarantee (a warning says so at the start): a debugging aid for those trusted with the data. Off,
+    no loss on private data is computed, shown or stored anywhere (the progress bar shows steps and ε only)."""
     request_timeout_s: float = 5.0
     """Per request; a server that does not answer in time counts as away and the records wait in a queue."""
     retry_every_s: float = 2.0

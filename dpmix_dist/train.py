@@ -37,6 +37,7 @@ from dpmix_dist.privacy.mechanism import PrivateGradient
 from dpmix_dist.privacy.sampling import owned_indices, sample_local
 
 CHECKPOINT = "checkpoint.pt"
+NOT_PRIVATE_LOSS = "train_loss_not_private"  # the one unprotected value, only with tracking.log_train_loss=true
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,18 @@ class Guarantee:
         if not self.private:
             return math.inf
         return accounting.epsilon_spent(self.noise_multiplier, self.sample_rate, steps, self.delta, self.accountant)
+
+    def epsilon_bound(self, step: int, points: int = 50) -> float:
+        """An upper bound on ε after `step` steps, cheap enough for every step of a progress bar: the exact ε at
+        the first of at most `points` grid steps (spread over the run) at or after `step` (ε grows with steps).
+        At most `points` accountant calls per run (PRV takes 0.1-0.6 s each); exact at the grid and the end."""
+        if not self.private:
+            return math.inf
+        if step <= 0:
+            return 0.0
+        n = min(points, self.steps)
+        grid = -(-step * n // self.steps)  # the smallest i with i·steps/n >= step
+        return self.epsilon(min(self.steps, -(-grid * self.steps // n)))
 
 
 def plan_guarantee(config: Config, num_train: int) -> Guarantee:
@@ -188,7 +201,9 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.on_eval = None  # main process: called with each history record (e.g. the MLflow tracker)
-        self._loss_acc = [0.0, 0]  # this rank's group-loss sum and count since the last evaluation
+        # tracking.log_train_loss only: this rank's group-loss sum and count since the last evaluation. A loss on
+        # sampled private data, without noise: never computed, shown or stored unless asked for (contract item 9).
+        self._loss_acc = [0.0, 0] if config.tracking.log_train_loss else None
         self.groups = self._group_builder()
         self._weights_digest: str | None = None  # of the model as built, for the on-disk feature cache
         # Decoding shards and caching features happen here, so a corrupt shard fails before any output is written.
@@ -322,8 +337,8 @@ class Trainer:
     def _forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.dp_model.tail_module, params, (x,))
 
-    def train_step(self, store: ExampleStore) -> float:
-        """One logical step. Returns this rank's mean group loss on its sampled examples (NaN if none)."""
+    def train_step(self, store: ExampleStore) -> None:
+        """One logical step. Returns nothing: every value it sees is private until `finish_step` noises it."""
         g = self.guarantee
         if self.step >= g.steps:
             raise RuntimeError(f"step {self.step} would exceed the planned {g.steps} steps (and the target ε)")
@@ -339,9 +354,11 @@ class Trainer:
                 detached = {name: p.detach() for name, p in self.params.items()}
                 grads, losses = per_example_grads(self._forward, detached, inputs, targets)
                 self.mechanism.accumulate(grads)
-            loss_sum += float(losses.sum())
-        self._loss_acc[0] += loss_sum
-        self._loss_acc[1] += len(sampled)
+            if self._loss_acc is not None:
+                loss_sum += float(losses.sum())
+        if self._loss_acc is not None:
+            self._loss_acc[0] += loss_sum
+            self._loss_acc[1] += len(sampled)
         flat = self.mechanism.finish_step()
         for name, grad in self.mechanism.unflatten(flat).items():
             self.params[name].grad = grad.to(self.params[name].dtype)
@@ -349,7 +366,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
-        return loss_sum / len(sampled) if len(sampled) else float("nan")
 
     @torch.no_grad()
     def evaluate(self, store: ExampleStore) -> float:
@@ -373,22 +389,24 @@ class Trainer:
         ckpt_every = max(1, round(run.checkpoint_every_epochs * steps_per_epoch))
         stop = _StopRequest()
         bar = tqdm(total=g.steps, initial=self.step, desc="DP training", unit="step", disable=not (self.dist.is_main and run.progress_bar))
-        start, epsilon, accuracy = time.time(), g.epsilon(self.step), float("nan")
+        start, accuracy = time.time(), float("nan")
         with stop:
             while self.step < g.steps:
-                loss = self.train_step(train_store)
+                self.train_step(train_store)
                 if self.step % eval_every == 0 or self.step == g.steps:
                     self.dist.check_identical(torch.cat([p.detach().flatten() for p in self.params.values()]), "parameters")
                     epsilon, accuracy = g.epsilon(self.step), self.evaluate(eval_store)
-                    record = {"step": self.step, "epsilon": epsilon, self.accuracy_key: accuracy,
-                              "train_loss": self._train_loss()}  # fmt: skip
+                    record = {"step": self.step, "epsilon": epsilon, self.accuracy_key: accuracy}
+                    if self._loss_acc is not None:
+                        record[NOT_PRIVATE_LOSS] = self._train_loss()
                     self.history.append(record)
                     if self.on_eval is not None and self.dist.is_main:
                         self.on_eval(record)
                     bar.write(f"step {self.step}/{g.steps}  ε={epsilon:.3f}  {self.config.data.eval_split} accuracy {accuracy:.4f}")
                 if self.step % ckpt_every == 0 and self.step < g.steps:
                     self._save_checkpoint()
-                bar.set_postfix(loss=f"{loss:.3f}", eps=f"{epsilon:.2f}/{self.config.privacy.target_epsilon:g}")
+                if g.private:  # the guarantee only: no value computed from the private batch (contract item 9)
+                    bar.set_postfix_str(f"ε ≤ {g.epsilon_bound(self.step):.2f} of {self.config.privacy.target_epsilon:g}")
                 bar.update(1)
                 if self.dist.any_rank(stop.requested) and self.step < g.steps:  # every rank stops at the same step
                     self._save_checkpoint()
@@ -399,7 +417,8 @@ class Trainer:
 
     def _train_loss(self) -> float:
         """Mean group loss over every example sampled (all ranks) since the last evaluation. It is computed on
-        private data without noise: a diagnostic, not covered by the (ε, δ) guarantee (tracking.log_train_loss)."""
+        private data without noise: a diagnostic NOT covered by the (ε, δ) guarantee, recorded under a name that
+        says so, and only when tracking.log_train_loss asks for it."""
         acc = torch.tensor(self._loss_acc, dtype=torch.float64, device=self.dist.device)
         self.dist.all_reduce_sum(acc)
         self._loss_acc = [0.0, 0]

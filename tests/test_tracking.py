@@ -144,7 +144,8 @@ def test_params_tags_metrics_and_artifacts(sqlite_run):
     assert tags["dataset"] == "fashion_mnist" and tags["world_size"] == "1" and tags["code_version"]
     history = summary["history"]
     assert len(history) >= 4
-    for key in ("test_accuracy", "epsilon", "train_loss"):
+    assert all("train_loss" not in key for h in history for key in h)  # nothing on private data (contract item 9)
+    for key in ("test_accuracy", "epsilon"):
         logged = client.get_metric_history(run.info.run_id, key)
         assert [m.step for m in logged] == [h["step"] for h in history], key
         assert [m.value for m in logged] == pytest.approx([h[key] for h in history]), key
