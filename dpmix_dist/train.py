@@ -8,6 +8,7 @@ number of processes or the micro-batch size, and a resumed run continues exactly
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -473,6 +474,7 @@ class Trainer:
             "step": self.step,
             "secret_seed": self._secret_seed,
             "config": _mechanism_sections(self.config),
+            "guarantee": self._resume_record(),
             "model": {name: p.detach().cpu() for name, p in self.params.items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -486,6 +488,18 @@ class Trainer:
 
         _atomic_write(self.output_dir / CHECKPOINT, write)
 
+    def _resume_record(self) -> dict:
+        """What a resumed run must share with the steps already taken: the guarantee and the data it was planned
+        on, and the numerics (bf16 vs fp32 changes the model beyond rounding; the two engines agree to rounding,
+        so `performance.engine` may change)."""
+        g = self.guarantee
+        shards = json.dumps(self.metadata["splits"]["train"]["shards"], sort_keys=True).encode()
+        return {"num_train_examples": self.num_train, "train_shards_sha256": hashlib.sha256(shards).hexdigest(),
+                "sample_rate": g.sample_rate,
+                "noise_multiplier": g.noise_multiplier, "max_grad_norm": g.max_grad_norm, "steps": g.steps,
+                "accountant": g.accountant, "delta": g.delta, "expected_batch_size": g.expected_batch_size,
+                "precision": self.config.performance.precision}  # fmt: skip
+
     def resume(self) -> None:
         """Continue from `checkpoint.pt` in the output folder (same guarantee and training settings required)."""
         path = self.output_dir / CHECKPOINT
@@ -498,6 +512,17 @@ class Trainer:
                 f"--resume: {path} was written with different {', '.join(changed)} settings; resume with the "
                 "same ones (only run.* and performance.* may change)"
             )
+        # The checkpoint's own record of what the steps taken so far were planned under: the same config can plan
+        # a different guarantee (the data folder was rewritten with another N, or the accountant library changed).
+        recorded, now = state.get("guarantee"), self._resume_record()
+        if recorded is None:
+            raise ValueError(f"--resume: {path} carries no guarantee record (written by an older version); start the "
+                             "run again in a new --output-dir")  # fmt: skip
+        if recorded != now:
+            changed = ", ".join(f"{k} {recorded.get(k)!r} -> {v!r}" for k, v in now.items() if recorded.get(k) != v)
+            raise ValueError(f"--resume: {path} was planned under a different guarantee ({changed}); the steps "
+                             "already taken cannot be accounted together with these. Resume with the data and "
+                             "settings it was written with, or start again in a new --output-dir")  # fmt: skip
         if state["secret_seed"] != self._secret_seed:
             raise ValueError("--resume: internal error, the secret seed was not restored from the checkpoint")
         with torch.no_grad():

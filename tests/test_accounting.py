@@ -94,3 +94,17 @@ def test_epsilon_grows_with_steps_and_shrinks_with_noise():
     e = lambda sigma, steps: accounting.epsilon_spent(sigma, 0.01, steps, 1e-5, "rdp")  # noqa: E731
     assert e(1.0, 100) < e(1.0, 200)
     assert e(2.0, 100) < e(1.0, 100)
+
+
+def test_progress_bar_epsilon_is_an_upper_bound_exact_at_the_end_and_cheap():
+    """The bar's ε (every step) never under-states what was spent, is exact at the last step, grows with the
+    steps, and costs at most 50 accountant evaluations per run (not one per step)."""
+    from dpmix_dist.train import Guarantee
+
+    g = Guarantee(1.1, 0.01, 137, 1e-5, "rdp", 1.0, 100)
+    exact = [g.epsilon(s) for s in range(g.steps + 1)]
+    bound = [g.epsilon_bound(s) for s in range(g.steps + 1)]
+    assert bound[0] == 0.0 and bound[-1] == exact[-1]
+    assert all(b >= e for b, e in zip(bound, exact)) and bound == sorted(bound)
+    assert len(set(bound[1:])) <= 50 and bound[1] > 0
+    assert Guarantee(0.0, 0.01, 10, 1e-5, "none", float("inf"), 100).epsilon_bound(3) == float("inf")

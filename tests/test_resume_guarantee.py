@@ -1,0 +1,75 @@
+"""The checkpoint carries the guarantee its steps were taken under; --resume checks it instead of re-deriving it.
+
+The same config can plan a different guarantee: here the data folder is rewritten in place with more private
+examples (N, hence q and σ, change while every config key stays the same). Before the record existed, such a
+resume went on silently and accounted the old steps under the new plan.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from datagen import make_fashion_mnist_idx
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _prepare(root: Path, num_train: int) -> Path:
+    raw = make_fashion_mnist_idx(root / f"idx{num_train}", num_train=num_train, num_test=40)
+    subprocess.run([sys.executable, "launch/prepare_data.py", "fashion_mnist", "--source", str(raw), "--out",
+                    str(root / "priv"), "--public-out", str(root / "pub"), "--public-count", "40", "--overwrite"],
+                   cwd=REPO, check=True, capture_output=True)  # fmt: skip
+    return root / "priv"
+
+
+def _trainer(root: Path, out: Path, *overrides: str):
+    from dpmix_dist.config import load_config
+    from dpmix_dist.distributed import Distributed
+    from dpmix_dist.train import Trainer
+
+    config = load_config("tiny_test", [f"data.root={root / 'priv'}", f"data.cache_dir={root / 'cache'}", *overrides])
+    return Trainer(config, Distributed(cpu=True), out, secret_seed=12345)
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory) -> tuple[Path, Path]:
+    """A run folder whose checkpoint was written after 2 steps, on 160 private examples (the module's tests run in
+    order: the last one rewrites the data folder)."""
+    tmp_path = tmp_path_factory.mktemp("resume")
+    _prepare(tmp_path, 200)
+    out = tmp_path / "run"
+    out.mkdir()
+    trainer = _trainer(tmp_path, out)
+    for _ in range(2):
+        trainer.train_step(trainer.train_store)
+    trainer._save_checkpoint()
+    return tmp_path, out
+
+
+def test_resume_with_the_same_data_and_settings_continues(checkpointed):
+    root, out = checkpointed
+    trainer = _trainer(root, out)
+    trainer.resume()
+    assert trainer.step == 2
+
+
+def test_resume_with_another_precision_is_refused_the_engine_may_change(checkpointed):
+    root, out = checkpointed
+    with pytest.raises(ValueError, match=r"precision 'fp32' -> 'bf16'"):
+        _trainer(root, out, "performance.precision=bf16").resume()
+    trainer = _trainer(root, out, "performance.engine=functorch")  # exact like the layer-wise one: equal to rounding
+    trainer.resume()
+    assert trainer.step == 2
+
+
+def test_resume_on_a_rewritten_data_folder_is_refused(checkpointed):
+    root, out = checkpointed
+    _prepare(root, 240)  # same path, same config, 200 private examples now
+    trainer = _trainer(root, out)
+    with pytest.raises(ValueError, match=r"different guarantee \(num_train_examples 160 -> 200.*sample_rate"):
+        trainer.resume()
+    assert trainer.step == 0
