@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from dpmix_dist.augment import GroupBuilder
 from dpmix_dist.config import Config, ConfigError, check_against_dataset, config_to_dict
+from dpmix_dist.data.provenance import check_private_root, check_synthetic_root
 from dpmix_dist.data.shards import load_split, read_metadata
 from dpmix_dist.data.store import ExampleStore, feature_cache_key, weights_digest
 from dpmix_dist.data.transforms import to_model_input
@@ -142,14 +143,7 @@ class Trainer:
 
         # --- data: metadata first, so bad settings fail before any work
         self.metadata = read_metadata(config.data.root)
-        role = self.metadata.get("split", {}).get("role")
-        if role == "public":
-            raise DataError(
-                f"data.root: {config.data.root} is the public part of a public/private split (for the diffusion "
-                f"generator); private fine-tuning trains on the private part: {self.metadata['split']['partner']}"
-            )
-        if self.metadata.get("synthetic"):
-            raise DataError(f"data.root: {config.data.root} holds synthetic images; point it at the private data set")
+        check_private_root(config.data.root, self.metadata)
         self.num_train = self.metadata["splits"]["train"]["num_examples"]
         eval_split = config.data.eval_split
         if eval_split not in self.metadata["splits"]:
@@ -532,31 +526,6 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.history = state["step"], state["history"]
         self.mechanism.resume_after(self.step - 1)
-
-
-def check_synthetic_root(root: str, private_metadata: dict, private_root: str) -> None:
-    """A DataError unless `root` is a synthetic folder written by launch/generate.py, with the private data's classes
-    in the same order, from a generator that did not train on the private data."""
-    if not (Path(root) / "metadata.json").is_file():
-        raise DataError(f"augment.synthetic_root: {root} is not a folder written by launch/generate.py (no "
-                        "metadata.json); make one with `make synthetic` (data/fmnist_synthetic)")  # fmt: skip
-    meta = read_metadata(root)
-    record = meta.get("synthetic")
-    if not record:
-        raise DataError(f"augment.synthetic_root: {root} is not a synthetic set (no 'synthetic' record in its "
-                        "metadata.json); DP-Mix_Diff may only mix public images. Write one with launch/generate.py")  # fmt: skip
-    if meta["classes"] != private_metadata["classes"]:
-        raise DataError(f"augment.synthetic_root: {root} has classes {meta['classes']}, the private data "
-                        f"{private_metadata['classes']}; generate with the private data's class list, in its order")  # fmt: skip
-    trained_on = (record.get("generator_info") or {}).get("trained_on") or {}
-    split = trained_on.get("split") or {}
-    private_split = private_metadata.get("split") or {}
-    saw_private = split.get("role") == "private" or (
-        trained_on.get("root") and Path(trained_on["root"]).resolve() == Path(private_root).resolve()
-    ) or (split.get("public_indices_sha256") and split.get("public_indices_sha256") == private_split.get("private_indices_sha256"))
-    if saw_private:
-        raise DataError(f"augment.synthetic_root: {root} comes from a generator trained on the private data "
-                        f"({trained_on.get('root')}); train it on the public part (launch/train_diffusion.py)")  # fmt: skip
 
 
 def _mechanism_sections(config: Config) -> dict:

@@ -144,9 +144,10 @@ def make_tiny_text2image_pipeline(folder: Path) -> Path:
 
 
 def make_synthetic_folder(root: Path, classes: list[str], per_class: int = 20, size: int = 28, channels: int = 1,
-                          seed: int = 7, trained_on: dict | None = None) -> Path:
+                          seed: int = 7, trained_on: dict | None = None, external_pretrained: bool | None = None) -> Path:
     """A synthetic-image folder in the format launch/generate.py writes (shards + metadata with a 'synthetic'
-    record), filled with class-pattern images: stands in for a diffusion generator's output in trainer tests."""
+    record), filled with class-pattern images: stands in for a diffusion generator's output in trainer tests.
+    Its generator is declared an external pretrained model unless `trained_on` records its training data."""
     from dpmix_dist.data.shards import write_dataset
     from dpmix_dist.data.sources import RawDataset, RawSplit
 
@@ -155,6 +156,7 @@ def make_synthetic_folder(root: Path, classes: list[str], per_class: int = 20, s
     record = {"generator": "tests/datagen", "kind": "class_conditional", "base_seed": seed,
               "per_class_counts": {c: per_class for c in classes},
               "generator_info": {"trained_on": trained_on} if trained_on else None,
+              "external_pretrained": not trained_on if external_pretrained is None else external_pretrained,
               "public": "images of a generator that never saw the private data"}
     dataset = RawDataset(f"synthetic:{root.name}", tuple(classes), {"train": RawSplit(images, labels.astype(np.int64))},
                          "tests/datagen")

@@ -104,6 +104,10 @@ class GeneratorConfig:
     `class_conditional`: a UNet2DModel trained by launch/train_diffusion.py, sampled per class id."""
     model: str = "models/fmnist_ddpm"
     """A local folder (save_pretrained layout) or, for text2image, a Hugging Face hub id (needs internet once)."""
+    external_pretrained: bool = False
+    """Declare `model` a pretrained model made by others whose training data does not contain the private set
+    (e.g. Stable Diffusion from the hub). Recorded with the images; DP-Mix_Diff mixes in only images of such a
+    model or of one trained here on the public part of the private data's split (whose record says so)."""
     prompt_templates: tuple[str, ...] = ("a photo of a {class_name}",)
     """text2image: image j of a class uses template j mod len(templates); `{class_name}` is the only field."""
     negative_prompt: str = ""

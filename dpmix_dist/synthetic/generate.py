@@ -279,6 +279,7 @@ def generate(cfg: GenerateConfig, dist, *, progress: bool = True, log: Callable[
                 "seed_rule": "image j of class c: int.from_bytes(sha256(f'dpmix-synthetic/{base_seed}/{c}/{j}')[:8]) & (2**63-1)",
                 "per_class_counts": {name: per_class for name in classes},
                 "generator_info": _generator_info(cfg),
+                "external_pretrained": cfg.generator.external_pretrained,  # a declaration: see GeneratorConfig
                 "public": "images of a generator that never saw the private data",
             },
         }  # fmt: skip
