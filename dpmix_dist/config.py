@@ -97,6 +97,10 @@ class PrivacyConfig:
     noise_multiplier: float | None = None
     """σ. Leave empty (null) to calibrate it to `target_epsilon`; if set, the run still stops before ε
     would exceed `target_epsilon`."""
+    secure_noise: bool = False
+    """Draw the noise and the Poisson sampling from a cryptographic stream (SHAKE-256 of the secret seed) with a
+    Gaussian sampler built to resist floating-point attacks (four Box-Muller draws combined, as Opacus's secure
+    mode). Same distribution and guarantee; costs time per step (benchmarks/README.md) and changes the model."""
     enabled: bool = True
     """false: NON-PRIVATE fine-tuning, the ceiling that private runs are compared with. Same Poisson batches,
     steps and divisor, but no clipping and no noise; ε is infinite and the model cannot be registered."""

@@ -188,6 +188,7 @@ class Trainer:
             world_size=dist.world_size,
             all_reduce_sum=dist.all_reduce_sum,
             device=dist.device,
+            secure_noise=config.privacy.secure_noise,
         )
         self.engine = self._choose_engine(config.performance.engine)
         self._autocast = torch.bfloat16 if config.performance.precision == "bf16" else None
@@ -337,7 +338,8 @@ class Trainer:
         g = self.guarantee
         if self.step >= g.steps:
             raise RuntimeError(f"step {self.step} would exceed the planned {g.steps} steps (and the target ε)")
-        sampled = sample_local(self._secret_seed, self.step, store.owned, self.num_train, g.sample_rate)
+        sampled = sample_local(self._secret_seed, self.step, store.owned, self.num_train, g.sample_rate,
+                               self.config.privacy.secure_noise)
         self.mechanism.begin_step(self.step)
         loss_sum = 0.0
         for chunk in sampled.split(self.config.performance.micro_batch_size):

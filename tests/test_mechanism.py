@@ -15,10 +15,10 @@ from dpmix_dist.privacy.seeding import derive_seed, generator
 SHAPES = {"w": torch.Size([40, 25]), "b": torch.Size([25])}
 
 
-def _mechanism(sigma=1.0, c=2.0, batch=50.0, seed=7, world_size=1, all_reduce=lambda t: None):
+def _mechanism(sigma=1.0, c=2.0, batch=50.0, seed=7, world_size=1, all_reduce=lambda t: None, secure=False):
     return PrivateGradient(
         SHAPES, noise_multiplier=sigma, max_grad_norm=c, expected_batch_size=batch,
-        secret_seed=seed, world_size=world_size, all_reduce_sum=all_reduce,
+        secret_seed=seed, world_size=world_size, all_reduce_sum=all_reduce, secure_noise=secure,
     )  # fmt: skip
 
 
@@ -36,22 +36,24 @@ def test_owned_indices_partition_the_data_set():
         assert torch.equal(torch.sort(torch.cat(parts)).values, torch.arange(103))
 
 
-def test_union_of_local_samples_is_the_global_poisson_sample_for_any_world_size():
+@pytest.mark.parametrize("secure", [False, True], ids=["torch", "secure"])
+def test_union_of_local_samples_is_the_global_poisson_sample_for_any_world_size(secure):
     n, q = 1000, 0.05
     for step in range(5):
-        reference = poisson_mask(11, step, n, q).nonzero().squeeze(1)
+        reference = poisson_mask(11, step, n, q, secure).nonzero().squeeze(1)
         for world_size in (1, 2, 4):
-            union = torch.cat([sample_local(11, step, owned_indices(n, r, world_size), n, q) for r in range(world_size)])
+            union = torch.cat([sample_local(11, step, owned_indices(n, r, world_size), n, q, secure) for r in range(world_size)])
             assert torch.equal(torch.sort(union).values, reference)
 
 
-def test_empirical_sampling_rate_is_q_including_multi_rank_and_empty_local_batches():
+@pytest.mark.parametrize("secure", [False, True], ids=["torch", "secure"])
+def test_empirical_sampling_rate_is_q_including_multi_rank_and_empty_local_batches(secure):
     n, q, steps, world_size = 200, 0.01, 400, 4
     counts = torch.zeros(n)
     empty_local = 0
     for step in range(steps):
         for rank in range(world_size):
-            local = sample_local(5, step, owned_indices(n, rank, world_size), n, q)
+            local = sample_local(5, step, owned_indices(n, rank, world_size), n, q, secure)
             empty_local += len(local) == 0
             counts[local] += 1
     total = counts.sum().item()
@@ -63,10 +65,12 @@ def test_empirical_sampling_rate_is_q_including_multi_rank_and_empty_local_batch
                            [n * stats.binom.pmf(k, steps, q) for k in range(4)], sum_check=False).pvalue > 1e-4
 
 
-def test_sampling_depends_on_seed_and_step():
-    assert not torch.equal(poisson_mask(1, 0, 500, 0.5), poisson_mask(2, 0, 500, 0.5))
-    assert not torch.equal(poisson_mask(1, 0, 500, 0.5), poisson_mask(1, 1, 500, 0.5))
-    assert torch.equal(poisson_mask(1, 3, 500, 0.5), poisson_mask(1, 3, 500, 0.5))
+@pytest.mark.parametrize("secure", [False, True], ids=["torch", "secure"])
+def test_sampling_depends_on_seed_and_step(secure):
+    assert not torch.equal(poisson_mask(1, 0, 500, 0.5, secure), poisson_mask(2, 0, 500, 0.5, secure))
+    assert not torch.equal(poisson_mask(1, 0, 500, 0.5, secure), poisson_mask(1, 1, 500, 0.5, secure))
+    assert torch.equal(poisson_mask(1, 3, 500, 0.5, secure), poisson_mask(1, 3, 500, 0.5, secure))
+    assert not torch.equal(poisson_mask(1, 3, 500, 0.5, secure), poisson_mask(1, 3, 500, 0.5, not secure))
 
 
 # ------------------------------------------------------------------------------------------------ mechanism
@@ -86,9 +90,10 @@ def test_without_noise_the_result_is_the_clipped_sum_over_expected_batch_size():
         assert torch.allclose(out[name], expected, atol=1e-6)
 
 
-def test_noise_std_is_sigma_c_over_expected_batch_size():
+@pytest.mark.parametrize("secure", [False, True], ids=["torch", "secure"])
+def test_noise_std_is_sigma_c_over_expected_batch_size(secure):
     sigma, c, batch = 1.3, 0.7, 40.0
-    mech = _mechanism(sigma=sigma, c=c, batch=batch)
+    mech = _mechanism(sigma=sigma, c=c, batch=batch, secure=secure)
     samples = []
     for step in range(20):  # 20 × 1025 coordinates; no example sampled: pure noise
         mech.begin_step(step)
@@ -102,8 +107,9 @@ def test_noise_std_is_sigma_c_over_expected_batch_size():
     assert stats.kstest((noise / expected_std).numpy(), "norm").pvalue > 1e-4
 
 
-def test_noise_is_identical_across_ranks_and_fresh_each_step():
-    a, b = _mechanism(seed=99), _mechanism(seed=99)
+@pytest.mark.parametrize("secure", [False, True], ids=["torch", "secure"])
+def test_noise_is_identical_across_ranks_and_fresh_each_step(secure):
+    a, b = _mechanism(seed=99, secure=secure), _mechanism(seed=99, secure=secure)
     outs = []
     for mech in (a, b):
         mech.begin_step(4)
@@ -111,7 +117,7 @@ def test_noise_is_identical_across_ranks_and_fresh_each_step():
     assert torch.equal(outs[0], outs[1])
     a.begin_step(5)
     assert not torch.equal(a.finish_step(), outs[0])
-    c = _mechanism(seed=100)
+    c = _mechanism(seed=100, secure=secure)
     c.begin_step(4)
     assert not torch.equal(c.finish_step(), outs[0])
 
@@ -160,3 +166,20 @@ def test_derived_streams_are_distinct_and_reproducible():
     seeds = {derive_seed(1, "noise", s) for s in range(1000)} | {derive_seed(1, "sample", s) for s in range(1000)}
     assert len(seeds) == 2000
     assert all(0 <= s < 2**63 for s in seeds)
+
+
+def test_secure_noise_is_chunked_by_coordinate_and_normal_in_the_tails():
+    """Coordinate j's value depends on (seed, step, j) only: a longer vector extends a shorter one. The combined
+    sampler is N(0, 1) (KS) with the right tail mass beyond 3σ and 4σ (a float-sampler defect shows in tails)."""
+    from dpmix_dist.privacy import secure_random
+
+    short = secure_random.gaussian_noise(3, 0, 1000, 1.0)
+    long = secure_random.gaussian_noise(3, 0, secure_random.CHUNK + 7, 1.0)
+    assert torch.equal(long[:1000], short) and not torch.equal(long[secure_random.CHUNK:][:7], short[:7])
+    z = long.double().numpy()
+    assert stats.kstest(z, "norm").pvalue > 1e-4
+    for k in (3, 4):
+        tail = int((abs(z) > k).sum())
+        assert stats.binomtest(tail, len(z), 2 * stats.norm.sf(k)).pvalue > 1e-4
+    u = secure_random.uniforms(3, "x", count=100_000)
+    assert u.min() > 0 and u.max() < 1 and stats.kstest(u, "uniform").pvalue > 1e-4

@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from dpmix_dist.privacy import secure_random
 from dpmix_dist.privacy.clipping import clipped_sum
 from dpmix_dist.privacy.noise import gaussian_noise_like
 from dpmix_dist.privacy.seeding import generator
@@ -41,6 +42,8 @@ class PrivateGradient:
         world_size: number of ranks taking part in the all-reduce.
         all_reduce_sum: in-place SUM over all ranks (identity for one process).
         device: where the flat buffers live.
+        secure_noise: draw the noise from `secure_random` (a cryptographic stream, float-attack-resistant
+            sampler) instead of torch's generator; same distribution, slower.
     """
 
     def __init__(
@@ -54,6 +57,7 @@ class PrivateGradient:
         world_size: int,
         all_reduce_sum: AllReduceSum,
         device: torch.device | str = "cpu",
+        secure_noise: bool = False,
     ) -> None:
         if noise_multiplier < 0 or max_grad_norm <= 0 or expected_batch_size <= 0:
             raise ValueError("need σ >= 0, C > 0 and expected batch size > 0")
@@ -66,6 +70,7 @@ class PrivateGradient:
         self.world_size = world_size
         self._all_reduce_sum = all_reduce_sum
         self.device = torch.device(device)
+        self.secure_noise = secure_noise
         self._step: int | None = None
         self._last_finished_step = -1
         self._local_sum = torch.zeros(self.numel, dtype=torch.float32, device=self.device)
@@ -106,8 +111,11 @@ class PrivateGradient:
         self._last_finished_step = step
         if self.noise_multiplier == 0:  # only the non-private ceiling (privacy.enabled=false) gets here
             return buffer[:-1] / self.expected_batch_size
-        noise_gen = generator(self._secret_seed, "noise", step, device=self.device)
-        noise = gaussian_noise_like(buffer[:-1], self.noise_multiplier * self.max_grad_norm, noise_gen)
+        std = self.noise_multiplier * self.max_grad_norm
+        if self.secure_noise:
+            noise = secure_random.gaussian_noise(self._secret_seed, step, self.numel, std, self.device)
+        else:
+            noise = gaussian_noise_like(buffer[:-1], std, generator(self._secret_seed, "noise", step, device=self.device))
         return (buffer[:-1] + noise) / self.expected_batch_size
 
     def resume_after(self, last_finished_step: int) -> None:
