@@ -166,7 +166,7 @@ def test_memmap_cache_is_reused(sources, prepared, tmp_path):
     first = load_split(root, "train", cache)
     assert isinstance(first.images, np.memmap)
     files = {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()}
-    assert sorted(p.name for p in files) == ["train.images.npy", "train.labels.npy"]
+    assert sorted(p.name for p in files) == ["train.images.npy", "train.labels.npy", "train.verified.json"]
     second = load_split(root, "train", cache)
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()} == files
     third = load_split(root, "train", cache, build=False)
@@ -306,6 +306,27 @@ def test_missing_shard(prepared, tmp_path):
     root, shard = _damaged_copy(prepared, tmp_path)
     shard.unlink()
     _assert_data_error(root, tmp_path / "cache", str(shard), "missing", "prepare_data")
+
+
+def test_cache_of_an_intact_copy_never_serves_a_damaged_one(prepared, tmp_path, sources):
+    """The cache is keyed by the digests in metadata.json; a copy of the folder with a truncated shard has the same
+    metadata, so the cache must also check the files it stands for (before: the damaged copy trained silently)."""
+    cache = tmp_path / "cache"
+    load_split(prepared["fashion_mnist"], "train", cache)  # the intact original fills the cache
+    root, shard = _damaged_copy(prepared, tmp_path)
+    intact = load_split(root, "train", cache)  # an identical copy: digests checked once, then the cache serves it
+    np.testing.assert_array_equal(intact.labels, sources["fashion_mnist"][1].splits["train"].labels)
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="corrupt"):
+        load_split(root, "train", cache)
+    shard.write_bytes(data)  # restored (new modification time, same bytes): re-verified and served again
+    assert len(load_split(root, "train", cache)) == len(intact)
+    flipped = bytearray(data)
+    flipped[len(flipped) // 3] ^= 0x01  # same size: the modification time still changes, so the digest is checked
+    shard.write_bytes(bytes(flipped))
+    with pytest.raises(DataError, match="corrupt"):
+        load_split(root, "train", cache)
 
 
 def test_test_split_still_loads_when_only_train_is_damaged(prepared, tmp_path, sources):

@@ -8,7 +8,11 @@ Layout written by `write_dataset` (atomically: a temp folder renamed into place)
 
 Poisson sampling needs random access to the private set, so `load_split` decodes a split's shards once into
 `CACHE_DIR/<digest>/SPLIT.{images,labels}.npy` (uint8 N×H×W×C, at the stored resolution) and memory-maps it.
-The cache is keyed by the shards' digests: new shards get a new cache, a stale one is never read.
+The cache is keyed by the shards' recorded digests: new shards get a new cache, a stale one is never read. It
+also stands for the files on disk: each folder whose shards were checked against those digests is noted in
+`SPLIT.verified.json` with every shard's size and modification time, and a load from a folder that is not
+noted, or whose shards changed since, first checks their digests again (a truncated or replaced shard fails
+there; it is never silently served from the cache of an intact copy).
 """
 
 from __future__ import annotations
@@ -145,12 +149,9 @@ def _decode_shards(root: Path, split: str, info: dict) -> tuple[np.ndarray, np.n
     n, shape = info["num_examples"], tuple(info["image_shape"])
     images = np.zeros((n, *shape), dtype=np.uint8)
     labels = np.full(n, -1, dtype=np.int64)
-    for name, digest in info["shards"].items():
+    _verify_shards(root, info)
+    for name in info["shards"]:
         path = root / name
-        if not path.is_file():
-            raise DataError(f"{path}: shard listed in {METADATA} is missing; re-create the folder with launch/prepare_data.py")
-        if _sha256(path) != digest:
-            raise DataError(f"{path}: shard is corrupt (checksum mismatch); re-create the folder with launch/prepare_data.py")
         try:
             # Every node decodes every shard into its own cache (ranks own examples by index, not by shard),
             # so no node splitting: the identity nodesplitter says so to webdataset.
@@ -177,14 +178,57 @@ def load_split(root: str | Path, split: str, cache_dir: str | Path, *, build: bo
     key = hashlib.sha256(json.dumps(info["shards"], sort_keys=True).encode()).hexdigest()[:16]
     folder = Path(cache_dir) / key
     images_path, labels_path = folder / f"{split}.images.npy", folder / f"{split}.labels.npy"
+    verified_path = folder / f"{split}.verified.json"
     if not (images_path.exists() and labels_path.exists()):
         if not build:
             raise FileNotFoundError(images_path)
-        images, labels = _decode_shards(root, split, info)
+        images, labels = _decode_shards(root, split, info)  # checks every digest
         folder.mkdir(parents=True, exist_ok=True)
         for path, array in ((images_path, images), (labels_path, labels)):
             fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npy.partial")
             with os.fdopen(fd, "wb") as f:
                 np.save(f, array)
             os.replace(tmp, path)  # atomic: a reader never sees a half-written cache
+        _note_verified(verified_path, root, info)
+    elif _stamps(root, info) != _read_json(verified_path).get(str(root.resolve())):
+        _verify_shards(root, info)  # another copy, or files changed since: the cache stands for them only if equal
+        _note_verified(verified_path, root, info)
     return Split(np.load(images_path, mmap_mode="r"), np.load(labels_path))
+
+
+def _stamps(root: Path, info: dict) -> dict | None:
+    """Size and modification time of every shard (None if one is missing): cheap to compare on every load."""
+    stamps = {}
+    for name in info["shards"]:
+        try:
+            st = (root / name).stat()
+        except FileNotFoundError:
+            return None
+        stamps[name] = [st.st_size, st.st_mtime_ns]
+    return stamps
+
+
+def _verify_shards(root: Path, info: dict) -> None:
+    for name, digest in info["shards"].items():
+        path = root / name
+        if not path.is_file():
+            raise DataError(f"{path}: shard listed in {METADATA} is missing; re-create the folder with launch/prepare_data.py")
+        if _sha256(path) != digest:
+            raise DataError(f"{path}: shard is corrupt (checksum mismatch); re-create the folder with launch/prepare_data.py")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _note_verified(path: Path, root: Path, info: dict) -> None:
+    """Record that `root`'s shards, as they are now, match the digests the cache was decoded from."""
+    noted = _read_json(path)
+    noted[str(root.resolve())] = _stamps(root, info)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.partial")
+    with os.fdopen(fd, "w") as f:
+        json.dump(noted, f)
+    os.replace(tmp, path)
