@@ -422,7 +422,11 @@ def load_yaml_config(cls: type, name: str, overrides: list[str] | tuple[str, ...
     """Read `config_dir/NAME.yaml` (or a path), apply `section.key=value` overrides, validate into `cls`."""
     path = resolve_config_path(name, config_dir)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.object[exc.start]:#04x} at position {exc.start}); "
+                          "a config is YAML text: save it as UTF-8, or check that the path names the config "
+                          "and not another file") from None  # fmt: skip
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
     if not isinstance(raw, dict):

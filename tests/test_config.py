@@ -304,3 +304,10 @@ def test_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.privacy = PrivacyConfig()  # type: ignore[misc]
     assert config.privacy.target_epsilon == 8.0
+
+
+def test_config_that_is_not_utf8_text_names_the_file_and_the_fix(tmp_path):
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(b"\xff\xfeprivacy:\n")
+    with pytest.raises(ConfigError, match=r"binary.yaml: not a UTF-8 text file \(byte 0xff at position 0\).*save it as UTF-8"):
+        load_config(str(path))

@@ -362,3 +362,19 @@ def test_corrupt_metadata(prepared, tmp_path):
 def test_unknown_split(prepared, tmp_path):
     with pytest.raises(DataError, match="validation"):
         load_split(prepared["fashion_mnist"], "validation", tmp_path / "cache")
+
+
+@pytest.mark.parametrize("folder,command", [
+    ("data/cifar100", "prepare_data.py cifar100 --out data/cifar100"),
+    ("data/cifar10", "prepare_data.py cifar10 --out data/cifar10"),
+    ("data/fashion_mnist", "make data"),
+    ("data/fashion_mnist_2k", "make data"),
+    ("data/mine", "DATASET --out data/mine"),
+])  # fmt: skip
+def test_missing_data_folder_names_the_command_for_its_own_data_set(folder, command, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=f"folder {folder} does not exist") as info:
+        load_split(folder, "train", tmp_path / "cache")
+    assert command in str(info.value)
+    if "cifar" in folder:
+        assert "fashion_mnist" not in str(info.value)

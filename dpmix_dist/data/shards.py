@@ -115,10 +115,7 @@ def read_metadata(root: str | Path) -> dict:
     root = Path(root)
     path = root / METADATA
     if not root.is_dir():
-        raise DataError(
-            f"data.root: folder {root} does not exist; create it with `python launch/prepare_data.py "
-            "fashion_mnist --out data/fashion_mnist` (or cifar10 / cifar100 / imagefolder)"
-        )
+        raise DataError(f"data.root: folder {root} does not exist; create it with {_prepare_hint(root)}")
     if not path.is_file():
         raise DataError(f"data.root: {root} has no {METADATA}; it was not written by launch/prepare_data.py")
     try:
@@ -128,6 +125,24 @@ def read_metadata(root: str | Path) -> dict:
     if meta.get("format_version") != FORMAT_VERSION or "splits" not in meta:
         raise DataError(f"{path}: unknown format; re-create the folder with launch/prepare_data.py")
     return meta
+
+
+# The command that writes each data set's folder, recognised from the folder's name (longest name first).
+_PREPARE = {
+    "fashion_mnist_2k": "`make data` (it writes data/fashion_mnist_2k with its parent split)",
+    "fashion_mnist": "`make data`, or `python launch/prepare_data.py fashion_mnist --out {root}`",
+    "cifar100": "`python launch/prepare_data.py cifar100 --out {root}` (downloads once; or --source cifar-100-python.tar.gz)",
+    "cifar10": "`python launch/prepare_data.py cifar10 --out {root}` (downloads once; or --source cifar-10-python.tar.gz)",
+}
+
+
+def _prepare_hint(root: Path) -> str:
+    name = root.name.lower().replace("-", "_")
+    for key in sorted(_PREPARE, key=len, reverse=True):
+        if name.startswith(key) and (key != "fashion_mnist_2k" or name == key):
+            return _PREPARE[key].format(root=root)
+    return (f"`python launch/prepare_data.py DATASET --out {root}` (DATASET: fashion_mnist, cifar10, cifar100, or "
+            "imagefolder --source DIR for your own images)")  # fmt: skip
 
 
 @dataclass(frozen=True)
