@@ -29,6 +29,7 @@ from dpmix_dist.data.provenance import check_private_root, check_synthetic_root
 from dpmix_dist.data.shards import load_split, read_metadata
 from dpmix_dist.data.store import ExampleStore, feature_cache_key, weights_digest
 from dpmix_dist.data.transforms import to_model_input
+from dpmix_dist import summary as summary_json
 from dpmix_dist.distributed import Distributed
 from dpmix_dist.errors import DataError
 from dpmix_dist.models import build_dp_model, check_model_name
@@ -455,7 +456,7 @@ class Trainer:
         if self.dist.is_main:
             state = {k: v.detach().cpu().contiguous() for k, v in self.dp_model.model.state_dict().items()}
             _atomic_write(self.output_dir / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-            _atomic_write(self.output_dir / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
+            _atomic_write(self.output_dir / "summary.json", lambda p: p.write_text(summary_json.dumps(summary)))
             (self.output_dir / CHECKPOINT).unlink(missing_ok=True)  # the finished run needs no private resume state
         self.dist.barrier()
         return summary

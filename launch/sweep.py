@@ -36,6 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from dpmix_dist import summary as summary_json  # noqa: E402
 from dpmix_dist.config import Config, load_config  # noqa: E402
 from dpmix_dist.errors import ConfigError, DataError  # noqa: E402
 
@@ -249,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for combo in combos:
-        s = json.loads((out / combo["name"] / "summary.json").read_text())
+        s = summary_json.read(out / combo["name"] / "summary.json")
         rows.append({"method": combo["method"], "target_epsilon": combo["epsilon"], "replicate": combo["replicate"],
                      f"{s['eval_split']}_accuracy": s[f"{s['eval_split']}_accuracy"], "epsilon_spent": s["epsilon"],
                      "delta": s["delta"], "steps": s["steps"], "noise_multiplier": s["noise_multiplier"],

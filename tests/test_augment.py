@@ -365,3 +365,13 @@ def test_synthetic_root_must_be_public_synthetic_images(data, tmp_path):
         build(leaked)
     accepted = build(data["syn"])  # the refusals are specific: a public synthetic set with these classes is taken
     assert len(accepted.groups.synthetic) == 60
+
+
+def test_non_private_run_writes_strict_json(data, tmp_path):
+    from dpmix_dist import summary
+
+    trainer = _trainer(data, tmp_path, "dpsgd", "privacy.enabled=false", "privacy.epochs=0.5")
+    trainer.train()
+    text = (tmp_path / "summary.json").read_text()
+    assert '"epsilon": null' in text and "Infinity" not in text and '"private": false' in text
+    assert summary.read(tmp_path / "summary.json")["epsilon"] == float("inf")

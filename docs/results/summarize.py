@@ -11,11 +11,12 @@ finished reported run, from its summary.json, so a sweep still under way contrib
 from __future__ import annotations
 
 import csv
-import json
 import math
 import statistics
 import sys
 from pathlib import Path
+
+from dpmix_dist import summary as summary_json
 
 
 def _rows(folder: Path, **extra) -> list[dict]:
@@ -30,7 +31,7 @@ def _finished(runs: Path, pattern: str) -> list[dict]:
     METHOD-nonprivate-repR."""
     rows = []
     for path in sorted(runs.glob(f"{pattern}/*/summary.json")):
-        s = json.loads(path.read_text())
+        s = summary_json.read(path)
         _, eps, rep = path.parent.name.rsplit("-", 2)
         rows.append({"method": s["method"], "target_epsilon": math.inf if eps == "nonprivate" else float(eps[3:]),
                      "replicate": rep[3:], "test_accuracy": s["test_accuracy"], "epsilon_spent": s["epsilon"],
