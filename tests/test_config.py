@@ -311,3 +311,9 @@ def test_config_that_is_not_utf8_text_names_the_file_and_the_fix(tmp_path):
     path.write_bytes(b"\xff\xfeprivacy:\n")
     with pytest.raises(ConfigError, match=r"binary.yaml: not a UTF-8 text file \(byte 0xff at position 0\).*save it as UTF-8"):
         load_config(str(path))
+
+
+def test_the_demo_registers_its_private_model():
+    """`make demo` runs this config: its model must land in the MLflow registry (tested in test_tracking)."""
+    assert load_config("fmnist_effnet_lite0").tracking.register_as == "fmnist-effnet-lite0"
+    assert load_config("fmnist_effnet_lite0", ["tracking.register_as="]).tracking.register_as == ""

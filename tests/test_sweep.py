@@ -27,7 +27,8 @@ def test_method_scoped_overrides_and_non_private_runs():
         "optim.lr=0.1", "augment.method=dpmix_self", "augment.num_views=2", "augment.num_mixes=3",
         "privacy.target_epsilon=8.0"]  # fmt: skip
     ceiling = next(c for c in combos if math.isinf(c["epsilon"]))
-    assert sweep._run_overrides(common, scoped, ceiling)[-2:] == ["augment.method=dpsgd", "privacy.enabled=false"]
+    assert sweep._run_overrides(common, scoped, ceiling)[-3:] == ["augment.method=dpsgd", "privacy.enabled=false",
+                                                                  "tracking.register_as="]
 
 
 def test_table_has_a_non_private_column():
@@ -46,7 +47,8 @@ def test_table_has_a_non_private_column():
 @pytest.mark.parametrize("extra,match", [
     (["self_aug:augment.num_views=2"], "overrides for self_aug"),
     (["--methods", "dpmix_self", "dpmix_self:augment.num_views=2"], "needs mixes"),
-    (["--non-private", "dpsgd", "tracking.register_as=m"], "register_as"),
+    (["--methods", "self_aug", "self_aug:augment.num_views=2", "self_aug:augment.crop_padding_fraction=0.9"],
+     "crop_padding_fraction"),
 ])  # fmt: skip
 def test_every_runs_settings_are_checked_before_the_first_run(tmp_path, capsys, extra, match):
     options = [e for e in extra if "=" not in e]
