@@ -52,14 +52,15 @@ def run_finetune(args: argparse.Namespace) -> int:
     # Heavy imports after the cheap checks: a typo in the config fails in a second.
     from dpmix_dist.distributed import Distributed
     from dpmix_dist.privacy.seeding import fresh_secret_seed
-    from dpmix_dist.train import Interrupted, Trainer, read_checkpoint_seed
+    from dpmix_dist.checkpoint import Interrupted, read_seed
+    from dpmix_dist.train import Trainer
 
     dist = Distributed(cpu=args.cpu)
     output_dir = Path(dist.broadcast_object(str(args.output_dir)))  # the main process's choice of default name
     secret, error = None, None
     if dist.is_main:
         if args.resume:
-            secret = read_checkpoint_seed(output_dir)
+            secret = read_seed(output_dir)
             if args.seed is not None and args.seed != secret:
                 error = "--seed differs from the seed of the run being resumed; drop --seed (the checkpoint keeps it)"
         elif args.seed is not None:

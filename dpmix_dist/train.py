@@ -11,10 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,113 +20,32 @@ from safetensors.torch import save_file
 from torch.func import functional_call
 from tqdm import tqdm
 
+from dpmix_dist import checkpoint
+from dpmix_dist import summary as summary_json
 from dpmix_dist.augment import GroupBuilder
-from dpmix_dist.config import Config, ConfigError, check_against_dataset, config_to_dict
+from dpmix_dist.config import Config, ConfigError, check_against_dataset
 from dpmix_dist.data.provenance import check_private_root, check_synthetic_root
 from dpmix_dist.data.shards import load_split, read_metadata
 from dpmix_dist.data.store import ExampleStore, feature_cache_key, weights_digest
 from dpmix_dist.data.transforms import to_model_input
-from dpmix_dist import summary as summary_json
 from dpmix_dist.distributed import Distributed
 from dpmix_dist.errors import DataError
 from dpmix_dist.models import build_dp_model, check_model_name
-from dpmix_dist.privacy import accounting
 from dpmix_dist.privacy.clipping import per_example_grads
+from dpmix_dist.privacy.guarantee import Guarantee, plan
 from dpmix_dist.privacy.layerwise import LayerwiseClipper, UnsupportedLayer
 from dpmix_dist.privacy.mechanism import PrivateGradient
 from dpmix_dist.privacy.sampling import owned_indices, sample_local
 
-CHECKPOINT = "checkpoint.pt"
 NOT_PRIVATE_LOSS = "train_loss_not_private"  # the one unprotected value, only with tracking.log_train_loss=true
 
 
-@dataclass(frozen=True)
-class Guarantee:
-    """The published part of a run: what (ε, δ) it spends and how."""
-
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-    delta: float
-    accountant: str
-    max_grad_norm: float
-    expected_batch_size: int
-
-    @property
-    def private(self) -> bool:
-        return self.accountant != "none"
-
-    def epsilon(self, steps: int | None = None) -> float:
-        steps = self.steps if steps is None else steps
-        if not self.private:
-            return math.inf
-        return accounting.epsilon_spent(self.noise_multiplier, self.sample_rate, steps, self.delta, self.accountant)
-
-    def epsilon_bound(self, step: int, points: int = 50) -> float:
-        """An upper bound on ε after `step` steps, cheap enough for every step of a progress bar: the exact ε at
-        the first of at most `points` grid steps (spread over the run) at or after `step` (ε grows with steps).
-        At most `points` accountant calls per run (PRV takes 0.1-0.6 s each); exact at the grid and the end."""
-        if not self.private:
-            return math.inf
-        if step <= 0:
-            return 0.0
-        n = min(points, self.steps)
-        grid = -(-step * n // self.steps)  # the smallest i with i·steps/n >= step
-        return self.epsilon(min(self.steps, -(-grid * self.steps // n)))
-
-
 def plan_guarantee(config: Config, num_train: int) -> Guarantee:
-    """σ and the number of steps, fixed before training so that ε never exceeds the target."""
+    """The run's guarantee from its privacy section and the number of private examples (privacy/guarantee.py)."""
     p = config.privacy
-    sample_rate = p.expected_batch_size / num_train  # the sampler and the accountant share this value
-    steps = accounting.planned_steps(p.epochs, sample_rate)
-    if not p.enabled:  # the non-private ceiling: same batches and steps, C = ∞ (no clipping), σ = 0 (no noise)
-        return Guarantee(0.0, sample_rate, steps, p.target_delta, "none", math.inf, p.expected_batch_size)
-    if p.noise_multiplier is None:
-        sigma = accounting.calibrate_noise_multiplier(p.target_epsilon, p.target_delta, sample_rate, steps, p.accountant)
-    else:
-        sigma = p.noise_multiplier
-        steps = accounting.max_steps_within(p.target_epsilon, sigma, sample_rate, p.target_delta, p.accountant, steps)
-        if steps == 0:
-            raise ValueError(
-                f"privacy.noise_multiplier={sigma} spends more than ε={p.target_epsilon} in one step; "
-                "raise it or leave it null to calibrate"
-            )
-    return Guarantee(sigma, sample_rate, steps, p.target_delta, p.accountant, p.max_grad_norm, p.expected_batch_size)
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-class Interrupted(Exception):
-    """SIGINT/SIGTERM arrived: the step in flight finished, a checkpoint was written, --resume continues."""
-
-    def __init__(self, step: int, total: int) -> None:
-        super().__init__(f"stopped after step {step}/{total}")
-        self.step = step
-
-
-class _StopRequest:
-    """Turns SIGINT/SIGTERM into a flag checked between steps (a step is never cut in half)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict = {}
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def __enter__(self) -> "_StopRequest":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+    return plan(num_train, expected_batch_size=p.expected_batch_size, epochs=p.epochs, target_epsilon=p.target_epsilon,
+                delta=p.target_delta, max_grad_norm=p.max_grad_norm, accountant=p.accountant,
+                noise_multiplier=p.noise_multiplier, private=p.enabled)  # fmt: skip
 
 
 class Trainer:
@@ -385,7 +301,7 @@ class Trainer:
         steps_per_epoch = 1.0 / g.sample_rate
         eval_every = max(1, round(run.eval_every_epochs * steps_per_epoch))
         ckpt_every = max(1, round(run.checkpoint_every_epochs * steps_per_epoch))
-        stop = _StopRequest()
+        stop = checkpoint.StopRequest()
         bar = tqdm(total=g.steps, initial=self.step, desc="DP training", unit="step", disable=not (self.dist.is_main and run.progress_bar))
         start, accuracy = time.time(), float("nan")
         with stop:
@@ -409,7 +325,7 @@ class Trainer:
                 if self.dist.any_rank(stop.requested) and self.step < g.steps:  # every rank stops at the same step
                     self._save_checkpoint()
                     bar.close()
-                    raise Interrupted(self.step, g.steps)
+                    raise checkpoint.Interrupted(self.step, g.steps)
         bar.close()
         return self._finish(accuracy, time.time() - start)
 
@@ -455,35 +371,22 @@ class Trainer:
         }
         if self.dist.is_main:
             state = {k: v.detach().cpu().contiguous() for k, v in self.dp_model.model.state_dict().items()}
-            _atomic_write(self.output_dir / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-            _atomic_write(self.output_dir / "summary.json", lambda p: p.write_text(summary_json.dumps(summary)))
-            (self.output_dir / CHECKPOINT).unlink(missing_ok=True)  # the finished run needs no private resume state
+            checkpoint.atomic_write(self.output_dir / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+            checkpoint.atomic_write(self.output_dir / "summary.json", lambda p: p.write_text(summary_json.dumps(summary)))
+            checkpoint.remove(self.output_dir)
         self.dist.barrier()
         return summary
 
     # ------------------------------------------------------------------------------------------ resume
 
     def _save_checkpoint(self) -> None:
-        """A private artifact (it holds the secret seed): mode 0600, written atomically by the main process."""
-        if not self.dist.is_main:
-            return
-        state = {
-            "step": self.step,
-            "secret_seed": self._secret_seed,
-            "config": _mechanism_sections(self.config),
-            "guarantee": self._resume_record(),
-            "model": {name: p.detach().cpu() for name, p in self.params.items()},
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "history": self.history,
-        }
-
-        def write(tmp: Path) -> None:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                torch.save(state, f)
-
-        _atomic_write(self.output_dir / CHECKPOINT, write)
+        """A private artifact (it holds the secret seed), written by the main process (checkpoint.py)."""
+        if self.dist.is_main:
+            checkpoint.save(self.output_dir, checkpoint.State(
+                step=self.step, secret_seed=self._secret_seed, settings=checkpoint.mechanism_sections(self.config),
+                guarantee=self._resume_record(), model={name: p.detach().cpu() for name, p in self.params.items()},
+                optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(), history=self.history,
+            ))  # fmt: skip
 
     def _resume_record(self) -> dict:
         """What a resumed run must share with the steps already taken: the guarantee and the data it was planned
@@ -498,47 +401,13 @@ class Trainer:
                 "precision": self.config.performance.precision}  # fmt: skip
 
     def resume(self) -> None:
-        """Continue from `checkpoint.pt` in the output folder (same guarantee and training settings required)."""
-        path = self.output_dir / CHECKPOINT
-        if not path.is_file():
-            raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {self.output_dir}; nothing to resume")
-        state = torch.load(path, map_location="cpu", weights_only=False)  # optimizer.load_state_dict moves it
-        if state["config"] != _mechanism_sections(self.config):
-            changed = sorted(k for k, v in _mechanism_sections(self.config).items() if state["config"].get(k) != v)
-            raise ValueError(
-                f"--resume: {path} was written with different {', '.join(changed)} settings; resume with the "
-                "same ones (only run.* and performance.* may change)"
-            )
-        # The checkpoint's own record of what the steps taken so far were planned under: the same config can plan
-        # a different guarantee (the data folder was rewritten with another N, or the accountant library changed).
-        recorded, now = state.get("guarantee"), self._resume_record()
-        if recorded is None:
-            raise ValueError(f"--resume: {path} carries no guarantee record (written by an older version); start the "
-                             "run again in a new --output-dir")  # fmt: skip
-        if recorded != now:
-            changed = ", ".join(f"{k} {recorded.get(k)!r} -> {v!r}" for k, v in now.items() if recorded.get(k) != v)
-            raise ValueError(f"--resume: {path} was planned under a different guarantee ({changed}); the steps "
-                             "already taken cannot be accounted together with these. Resume with the data and "
-                             "settings it was written with, or start again in a new --output-dir")  # fmt: skip
-        if state["secret_seed"] != self._secret_seed:
-            raise ValueError("--resume: internal error, the secret seed was not restored from the checkpoint")
+        """Continue from the checkpoint in the output folder (same guarantee and training settings required)."""
+        state = checkpoint.load_for_resume(self.output_dir, checkpoint.mechanism_sections(self.config),
+                                           self._resume_record(), self._secret_seed)  # fmt: skip
         with torch.no_grad():
-            for name, value in state["model"].items():
+            for name, value in state.model.items():
                 self.params[name].copy_(value)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.history = state["step"], state["history"]
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        self.step, self.history = state.step, state.history
         self.mechanism.resume_after(self.step - 1)
-
-
-def _mechanism_sections(config: Config) -> dict:
-    """Everything but `run`, `performance` and `tracking`: what a resumed run must keep (those may change)."""
-    return {k: v for k, v in config_to_dict(config).items() if k not in ("run", "performance", "tracking")}
-
-
-def read_checkpoint_seed(output_dir: Path) -> int | None:
-    """The secret seed stored in a run's checkpoint (for --resume), or None if there is none."""
-    path = output_dir / CHECKPOINT
-    if not path.is_file():
-        return None
-    return int(torch.load(path, map_location="cpu", weights_only=False)["secret_seed"])

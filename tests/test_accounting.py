@@ -99,7 +99,7 @@ def test_epsilon_grows_with_steps_and_shrinks_with_noise():
 def test_progress_bar_epsilon_is_an_upper_bound_exact_at_the_end_and_cheap():
     """The bar's ε (every step) never under-states what was spent, is exact at the last step, grows with the
     steps, and costs at most 50 accountant evaluations per run (not one per step)."""
-    from dpmix_dist.train import Guarantee
+    from dpmix_dist.privacy.guarantee import Guarantee
 
     g = Guarantee(1.1, 0.01, 137, 1e-5, "rdp", 1.0, 100)
     exact = [g.epsilon(s) for s in range(g.steps + 1)]

@@ -4,7 +4,6 @@ alone, and neither the method, the world size nor the micro-batch size changes Î
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 

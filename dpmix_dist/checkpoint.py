@@ -1,0 +1,126 @@
+"""Stopping and resuming a run: the private checkpoint, what a resume must keep, and SIGINT/SIGTERM.
+
+`checkpoint.pt` holds the secret seed, so it is a private artifact like the model: mode 0600, written atomically,
+deleted when the run finishes. It also records the guarantee its steps were taken under; a resume whose plan
+differs (another N, σ, q, C, δ, accountant, precision) is refused, since the steps already taken could not be
+accounted together with the new ones.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dpmix_dist.config import Config, config_to_dict
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class State:
+    step: int
+    secret_seed: int
+    settings: dict  # `mechanism_sections` of the config
+    guarantee: dict  # the trainer's resume record
+    model: dict
+    optimizer: dict
+    scheduler: dict
+    history: list
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` beside `path`, then rename: a reader never sees a half-written file."""
+    tmp = path.with_name(f".{path.name}.partial")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def mechanism_sections(config: Config) -> dict:
+    """Everything but `run`, `performance` and `tracking`: what a resumed run must keep (those may change)."""
+    return {k: v for k, v in config_to_dict(config).items() if k not in ("run", "performance", "tracking")}
+
+
+def save(output_dir: Path, state: State) -> None:
+    def write(tmp: Path) -> None:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            fields = {k: getattr(state, k) for k in ("step", "secret_seed", "guarantee", "model", "optimizer",
+                                                       "scheduler", "history")}  # fmt: skip
+            torch.save({**fields, "config": state.settings}, f)  # no dataclasses.asdict: it deep-copies tensors
+
+    atomic_write(output_dir / CHECKPOINT, write)
+
+
+def load_for_resume(output_dir: Path, settings: dict, guarantee: dict, secret_seed: int) -> State:
+    """The checkpoint in `output_dir`, after checking it was written under these settings and this guarantee."""
+    path = output_dir / CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {output_dir}; nothing to resume")
+    raw = torch.load(path, map_location="cpu", weights_only=False)  # optimizer.load_state_dict moves it
+    if raw["config"] != settings:
+        changed = sorted(k for k, v in settings.items() if raw["config"].get(k) != v)
+        raise ValueError(
+            f"--resume: {path} was written with different {', '.join(changed)} settings; resume with the "
+            "same ones (only run.* and performance.* may change)"
+        )
+    # The checkpoint's own record of what the steps taken so far were planned under: the same config can plan
+    # a different guarantee (the data folder was rewritten with another N, or the accountant library changed).
+    recorded = raw.get("guarantee")
+    if recorded is None:
+        raise ValueError(f"--resume: {path} carries no guarantee record (written by an older version); start the "
+                         "run again in a new --output-dir")  # fmt: skip
+    if recorded != guarantee:
+        changed = ", ".join(f"{k} {recorded.get(k)!r} -> {v!r}" for k, v in guarantee.items() if recorded.get(k) != v)
+        raise ValueError(f"--resume: {path} was planned under a different guarantee ({changed}); the steps "
+                         "already taken cannot be accounted together with these. Resume with the data and "
+                         "settings it was written with, or start again in a new --output-dir")  # fmt: skip
+    if raw["secret_seed"] != secret_seed:
+        raise ValueError("--resume: internal error, the secret seed was not restored from the checkpoint")
+    return State(**{k: raw[k] for k in ("step", "secret_seed", "guarantee", "model", "optimizer", "scheduler",
+                                        "history")}, settings=raw["config"])  # fmt: skip
+
+
+def read_seed(output_dir: Path) -> int | None:
+    """The secret seed stored in a run's checkpoint (for --resume), or None if there is none."""
+    path = output_dir / CHECKPOINT
+    if not path.is_file():
+        return None
+    return int(torch.load(path, map_location="cpu", weights_only=False)["secret_seed"])
+
+
+def remove(output_dir: Path) -> None:
+    """The finished run needs no private resume state."""
+    (output_dir / CHECKPOINT).unlink(missing_ok=True)
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived: the step in flight finished, a checkpoint was written, --resume continues."""
+
+    def __init__(self, step: int, total: int) -> None:
+        super().__init__(f"stopped after step {step}/{total}")
+        self.step = step
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag checked between steps (a step is never cut in half)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __enter__(self) -> StopRequest:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
