@@ -1,16 +1,13 @@
-"""launch/sweep.py's planning: per-method overrides, the non-private ceiling, the table (the runs themselves are
+"""The sweep's planning (dpmix_dist/sweep.py): per-method overrides, the non-private ceiling, the table (the runs themselves are
 exercised in test_tracking.py's sweep test)."""
 
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "launch"))
-import sweep  # noqa: E402
+from dpmix_dist import sweep
 
 
 def test_method_scoped_overrides_and_non_private_runs():
