@@ -12,19 +12,12 @@ import time
 from pathlib import Path
 
 from dpmix_dist.config import dump_config, load_config
-from dpmix_dist.errors import ConfigError, DataError, ModelError
-
-USER_ERRORS = (ConfigError, DataError, ModelError, FileExistsError, FileNotFoundError, ValueError)
+from dpmix_dist.errors import USER_ERRORS, fail
 
 SEED_WARNING = (
     "WARNING: --seed fixes the sampling and the noise. The (ε, δ) guarantee now rests on this seed staying "
     "secret: do not publish it, and never use a fixed seed for a model you release."
 )
-
-
-def fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
 
 
 def _check_output_dir(output_dir: Path, resume: bool) -> None:

@@ -11,3 +11,15 @@ class DataError(RuntimeError):
 
 class ModelError(RuntimeError):
     """A model problem; the message names the setting and the fix."""
+
+
+# What every launcher turns into one `error:` line and exit status 2 (anything else is a bug: full traceback).
+USER_ERRORS = (ConfigError, DataError, ModelError, FileExistsError, FileNotFoundError, ValueError)
+
+
+def fail(message: str) -> int:
+    """Print one `error:` line for the user and return the exit status of a user error."""
+    import sys
+
+    print(f"error: {message}", file=sys.stderr)
+    return 2

@@ -18,9 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from dpmix_dist.errors import ConfigError, DataError, ModelError
-
-USER_ERRORS = (ConfigError, DataError, ModelError, FileExistsError, FileNotFoundError)
+from dpmix_dist.errors import USER_ERRORS, ConfigError, fail
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,8 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
         resolve_classes(cfg)  # a bad class list fails before processes and pipelines start
     except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(str(exc))
 
     from dpmix_dist.distributed import Distributed
     from dpmix_dist.synthetic.generate import generate
@@ -63,9 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         meta = generate(cfg, dist, progress=not args.no_progress)
     except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
         dist.close()
-        return 2
+        return fail(str(exc))
     if dist.is_main:
         train = meta["splits"]["train"]
         print(f"done in {time.time() - started:.0f} s: {train['num_examples']} images of {meta['num_classes']} classes "

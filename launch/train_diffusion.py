@@ -17,9 +17,7 @@ import json
 import sys
 import time
 
-from dpmix_dist.errors import ConfigError, DataError, ModelError
-
-USER_ERRORS = (ConfigError, DataError, ModelError, FileExistsError, FileNotFoundError)
+from dpmix_dist.errors import USER_ERRORS, fail
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,8 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
         info = train_diffusion(cfg, resume=args.resume, progress=not args.no_progress)
     except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(str(exc))
     except KeyboardInterrupt:
         print("interrupted; re-run with --resume to continue from the last checkpoint", file=sys.stderr)
         return 130
