@@ -54,10 +54,13 @@ spot)
   crop=$($PY docs/results/pick_settings.py crop "$OUT")
   for method in self_aug dpmix_self dpmix_diff; do
     lr=$($PY docs/results/pick_settings.py lr "$OUT" "$method")
+    extra=(augment.num_views=16)  # one method per sweep: plain overrides (scoped ones for absent methods are refused)
+    case $method in
+      dpmix_self) extra+=(augment.num_mixes=16) ;;
+      dpmix_diff) extra+=(augment.num_mixes=16 augment.num_synthetic=8 augment.synthetic_root=data/fmnist_synthetic) ;;
+    esac
     sweep --epsilons 1 --methods "$method" --output-dir "$OUT/spot-$method" optim.lr=$lr \
-      augment.crop_padding_fraction=$crop augment.num_views=16 \
-      dpmix_self:augment.num_mixes=16 dpmix_diff:augment.num_mixes=16 dpmix_diff:augment.num_synthetic=8 \
-      dpmix_diff:augment.synthetic_root=data/fmnist_synthetic
+      augment.crop_padding_fraction=$crop "${extra[@]}"
   done ;;
 *) echo "usage: $0 tune|table|spot" >&2; exit 2 ;;
 esac
