@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dpmix_dist.models import make_dp_model
@@ -40,17 +41,32 @@ def _model(kind: str):
     raise ValueError(kind)
 
 
+def naive_group_grads(forward, params, inputs, targets):
+    """The reference: autograd on each group's mean loss alone. Returns (per-group gradient tuples, (b,) norms)."""
+    grads = [torch.autograd.grad(group_loss(forward(x), y), list(params.values())) for x, y in zip(inputs, targets)]
+    norms = torch.stack([torch.sqrt(sum(t.pow(2).sum() for t in g)) for g in grads])
+    return grads, norms
+
+
+def naive_clipped_sum(params, grads, norms, max_norm):
+    """Σ_i min(1, C/‖g_i‖) g_i by hand, per parameter."""
+    factors = torch.clamp(max_norm / (norms + 1e-6), max=1.0)
+    return {name: sum(f * g[i] for f, g in zip(factors, grads)) for i, name in enumerate(params)}
+
+
 def _naive(dp, inputs, targets, max_norm):
     params = dp.trainable_params()
-    grads, norms = [], []
-    for x, y in zip(inputs, targets):
-        g = torch.autograd.grad(group_loss(dp.split.tail(x), y), list(params.values()))
-        grads.append(g)
-        norms.append(torch.sqrt(sum(t.pow(2).sum() for t in g)))
-    norms = torch.stack(norms)
-    factors = torch.clamp(max_norm / (norms + 1e-6), max=1.0)
-    summed = {name: sum(f * g[i] for f, g in zip(factors, grads)) for i, name in enumerate(params)}
-    return summed, norms
+    grads, norms = naive_group_grads(dp.split.tail, params, inputs, targets)
+    return naive_clipped_sum(params, grads, norms, max_norm), norms
+
+
+def _tail_batch(dp, num_groups, num_views, seed):
+    """(num_groups, num_views) random 32 px images run through the frozen prefix, and random class ids."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        feats = dp.split.prefix(torch.randn(num_groups * num_views, 3, 32, 32, generator=gen))
+    targets = torch.randint(0, NUM_CLASSES, (num_groups, num_views), generator=gen)
+    return feats.view(num_groups, num_views, *feats.shape[1:]), targets
 
 
 @pytest.mark.parametrize(
@@ -62,11 +78,7 @@ def test_layerwise_clipped_sum_matches_naive(kind, num_views):
     dp = _model(kind)
     with torch.no_grad():
         dp.model.get_classifier().weight.normal_(0, 0.5)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        feats = dp.split.prefix(torch.randn(5 * num_views, 3, 32, 32, generator=gen))
-    inputs = feats.view(5, num_views, *feats.shape[1:])
-    targets = torch.randint(0, NUM_CLASSES, (5, num_views), generator=gen)
+    inputs, targets = _tail_batch(dp, 5, num_views, seed=3)
     engine = LayerwiseClipper(dp.tail_module, dp.trainable_params())
     _, norms = _naive(dp, inputs, targets, 1.0)
     max_norm = float(norms.median())  # some groups clipped, some not
@@ -78,6 +90,225 @@ def test_layerwise_clipped_sum_matches_naive(kind, num_views):
         assert expected[name].abs().sum() > 0, name
     assert not any(p.grad is not None for p in dp.trainable_params().values())  # no autograd parameter grads
     assert losses.shape == (5,)
+
+
+def exact_or_refused(module, params, inputs, targets):
+    """Either the engine's clipped sum equals the naive loop's for every trainable parameter, or the CONSTRUCTOR
+    refuses (nothing may fail mid-step: the trainer's engine=auto only falls back on a refusal at construction).
+
+    C is the median of the groups' norms: some groups are clipped, some not. Returns (the UnsupportedLayer or None,
+    the naive clipped sum, C).
+    """
+    grads, norms = naive_group_grads(module, params, inputs, targets)
+    max_norm = float(norms.median())
+    expected = naive_clipped_sum(params, grads, norms, max_norm)
+    assert torch.cat([g.flatten() for g in expected.values()]).abs().sum() > 0  # a vacuous check cannot fail
+    try:
+        engine = LayerwiseClipper(module, params)
+    except UnsupportedLayer as exc:
+        return exc, expected, max_norm
+    got, _ = engine.clipped_sum(inputs, targets, max_norm)
+    assert list(got) == list(expected)
+    scale = max(float(g.abs().max()) for g in expected.values())
+    for name in expected:
+        assert_close(got[name], expected[name], name, scale)
+    return None, expected, max_norm
+
+
+def assert_close(got, expected, name, scale):
+    """Equal to float32 round-off: 1e-4 relative, and 1e-5 of the tensor's largest entry absolute (at least 1e-7 of
+    the largest entry of all the parameters: a gradient that is zero by symmetry is round-off in both)."""
+    atol = 1e-5 * max(float(expected.abs().max()), 1e-2 * scale)
+    err = float((got - expected).abs().max()) / max(float(expected.abs().max()), 1e-30)
+    assert torch.allclose(got, expected, atol=atol, rtol=1e-4), f"{name}: error {err:.2g} of the largest entry"
+
+
+def resnetv2_bit(**kwargs):
+    """A tiny BiT ResNetV2: StdConv2d (weight standardised in forward) and GroupNormAct (norm, then activation)."""
+    from functools import partial
+
+    from timm.layers import GroupNormAct, StdConv2d
+    from timm.models.resnetv2 import ResNetV2
+
+    return ResNetV2(layers=(1, 1, 1, 1), channels=(16, 32, 64, 128), stem_chs=16, stem_type="fixed",
+                    conv_layer=partial(StdConv2d, eps=1e-8), norm_layer=partial(GroupNormAct, num_groups=8), **kwargs)
+
+
+resnetv2_bit.model = "ResNetV2 (BiT: StdConv2d, GroupNormAct)"
+
+
+@pytest.mark.parametrize(
+    ("kind", "refused"),
+    [("efficientnet_gn_last", None), ("efficientnet_ln", None), ("resnetv2_bit", "StdConv2d"),
+     ("nfnet", "ScaledStdConv2d")],
+)
+def test_timm_subclasses_are_exact_or_refused_in_the_constructor(kind, refused):
+    """timm subclasses of Conv2d / GroupNorm / LayerNorm whose forward is not the base class's: GroupNormAct and
+    LayerNormAct2d apply an activation after the norm, StdConv2d / ScaledStdConv2d standardise the weight."""
+    torch.manual_seed(0)
+    if kind == "efficientnet_gn_last":  # GroupNormAct in the last block
+        dp = make_dp_model(timm.create_model("test_efficientnet_gn", num_classes=NUM_CLASSES), trainable="last_blocks")
+    elif kind == "efficientnet_ln":  # LayerNormAct2d
+        dp = make_dp_model(timm.create_model("test_efficientnet_ln", num_classes=NUM_CLASSES), trainable="all")
+    elif kind == "resnetv2_bit":
+        dp = make_dp_model(resnetv2_bit(num_classes=NUM_CLASSES), trainable="all")
+    else:  # ScaledStdConv2d
+        dp = make_dp_model(timm.create_model("test_nfnet", num_classes=NUM_CLASSES), trainable="all")
+    with torch.no_grad():
+        dp.model.get_classifier().weight.normal_(0, 0.5)
+    inputs, targets = _tail_batch(dp, 4, 2, seed=8)
+    exc, _, _ = exact_or_refused(dp.tail_module, dp.trainable_params(), inputs, targets)
+    assert (exc and exc.layers[0]) == refused, exc
+
+
+class _Probe(nn.Module):
+    """One layer of 8 channels between the input and a pooled linear head; tokens (n, T, 8) or images (n, 8, H, W)."""
+
+    def __init__(self, layer: nn.Module, tokens: bool) -> None:
+        super().__init__()
+        self.layer, self.tokens = layer, tokens
+        self.head = nn.Linear(8, NUM_CLASSES)
+
+    def forward(self, x):
+        y = self.layer(x)
+        return self.head(y.mean(1) if self.tokens else y.mean((2, 3)))
+
+
+class _Doubled(nn.Linear):
+    """A subclass whose forward is not its base class's: accepted by an isinstance check, and then wrong."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def _layer(name: str) -> tuple[nn.Module, bool]:
+    """(layer, takes tokens) for a class name; timm classes with a non-trivial activation where they take one."""
+    from importlib import import_module
+
+    # by module path: timm.layers re-exports a function named conv2d_same over the module of that name
+    conv2d_same, layer_scale, timm_linear, norm, norm_act, std_conv, metaformer = (
+        import_module(f"timm.{m}") for m in ("layers.conv2d_same", "layers.layer_scale", "layers.linear", "layers.norm",
+                                              "layers.norm_act", "layers.std_conv", "models.metaformer"))
+
+    act = dict(act_layer=nn.GELU)  # inplace or not, B must be taken before it
+    layers = {
+        "Linear": (nn.Linear(8, 8), True), "timm.Linear": (timm_linear.Linear(8, 8), True),
+        "Conv2d": (nn.Conv2d(8, 8, 3, padding=1), False),
+        "Conv2d_same_reflect": (nn.Conv2d(8, 8, 4, padding="same", padding_mode="reflect"), False),  # even kernel
+        "Conv2d_same": (nn.Conv2d(8, 8, (2, 3), padding="same", dilation=2), False),
+        "Conv2dSame": (conv2d_same.Conv2dSame(8, 8, 3, stride=2), False),
+        "LayerNorm": (nn.LayerNorm(8), True), "timm.LayerNorm": (norm.LayerNorm(8), True),
+        "LayerNormFp32": (norm.LayerNormFp32(8), True), "LayerNorm2d": (norm.LayerNorm2d(8), False),
+        "LayerNorm2dFp32": (norm.LayerNorm2dFp32(8), False), "GroupNorm": (nn.GroupNorm(2, 8), False),
+        "timm.GroupNorm": (norm.GroupNorm(8, num_groups=2), False), "GroupNorm1": (norm.GroupNorm1(8), False),
+        "LayerNormNoBias": (metaformer.LayerNormNoBias(8), True),
+        "LayerNorm2dNoBias": (metaformer.LayerNorm2dNoBias(8), False),
+        "GroupNorm1NoBias": (metaformer.GroupNorm1NoBias(8), False),
+        "LayerNormAct": (norm_act.LayerNormAct(8, **act), True),
+        "LayerNormActFp32": (norm_act.LayerNormActFp32(8, **act), True),
+        "LayerNormAct2d": (norm_act.LayerNormAct2d(8, **act), False),
+        "LayerNormAct2dFp32": (norm_act.LayerNormAct2dFp32(8, **act), False),
+        "GroupNormAct": (norm_act.GroupNormAct(8, num_groups=2, act_layer="silu", inplace=True), False),
+        "GroupNorm1Act": (norm_act.GroupNorm1Act(8, **act), False),
+        "LayerScale": (layer_scale.LayerScale(8, init_values=0.5), True),
+        "LayerScale2d": (layer_scale.LayerScale2d(8, init_values=0.5), False),
+        "Scale": (metaformer.Scale(8, init_value=0.5, use_nchw=False), True),
+        "Scale_nchw": (metaformer.Scale(8, init_value=0.5, use_nchw=True), False),
+        # refused: weight standardised in forward, padding cached from the first input, other norms, a trainable
+        # BatchNorm (per-example in eval, but the toolkit never trains BN affine), a subclass
+        "StdConv2d": (std_conv.StdConv2d(8, 8, 3), False), "StdConv2dSame": (std_conv.StdConv2dSame(8, 8, 3), False),
+        "ScaledStdConv2d": (std_conv.ScaledStdConv2d(8, 8, 3), False),
+        "ScaledStdConv2dSame": (std_conv.ScaledStdConv2dSame(8, 8, 3), False),
+        "Conv2dSameExport": (conv2d_same.Conv2dSameExport(8, 8, 3, stride=2), False),
+        "LayerNormExp2d": (norm.LayerNormExp2d(8), False), "RmsNorm": (norm.RmsNorm(8), True),
+        "BatchNormAct2d": (norm_act.BatchNormAct2d(8, **act), False), "_Doubled": (_Doubled(8, 8), True),
+    }
+    return layers[name]
+
+
+_REFUSED = ["StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame", "Conv2dSameExport",
+            "LayerNormExp2d", "RmsNorm", "BatchNormAct2d", "_Doubled"]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["Linear", "timm.Linear", "Conv2d", "Conv2d_same_reflect", "Conv2d_same", "Conv2dSame", "LayerNorm",
+     "timm.LayerNorm", "LayerNormFp32", "LayerNorm2d", "LayerNorm2dFp32", "GroupNorm", "timm.GroupNorm", "GroupNorm1",
+     "LayerNormNoBias", "LayerNorm2dNoBias",
+     "GroupNorm1NoBias", "LayerNormAct", "LayerNormActFp32", "LayerNormAct2d", "LayerNormAct2dFp32", "GroupNormAct",
+     "GroupNorm1Act", "LayerScale", "LayerScale2d", "Scale", "Scale_nchw", *_REFUSED],
+)
+def test_each_registered_class_is_exact_and_any_other_is_refused(name):
+    torch.manual_seed(0)
+    layer, tokens = _layer(name)
+    model = _Probe(layer, tokens).eval()
+    with torch.no_grad():
+        for p in layer.parameters():  # away from the init (ones / zeros) so that every coordinate matters
+            p.add_(0.3 * torch.randn_like(p))
+    gen = torch.Generator().manual_seed(9)
+    shape = (7, 8) if tokens else (8, 7, 7)
+    inputs = torch.randn(4, 2, *shape, generator=gen)
+    targets = torch.randint(0, NUM_CLASSES, (4, 2), generator=gen)
+    exc, _, _ = exact_or_refused(model, dict(model.named_parameters()), inputs, targets)
+    if name in _REFUSED:
+        assert exc is not None and exc.layers == (name,) and "performance.engine=auto" in str(exc)
+    else:
+        assert exc is None, exc
+
+
+class _Forwards(nn.Module):
+    """Forwards that only running them can judge: a layer run twice, bypassed, or followed by in-place writes."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.lin = nn.Linear(6, 6)
+        self.head = nn.Linear(6, NUM_CLASSES)
+
+    def forward(self, x):
+        if self.kind == "twice":
+            h = self.lin(self.lin(x))
+        elif self.kind == "bypassed":
+            h = F.linear(x, self.lin.weight, self.lin.bias)
+        elif self.kind == "input_overwritten":
+            x = x.clone()
+            h = self.lin(x)
+            x.mul_(2.0)  # the input A the engine read is no longer what the layer saw
+            h = h + x
+        elif self.kind == "view_output_overwritten":
+            h = self.lin(x)  # on (n, T, d) F.linear returns a view
+            h.mul_(3.0)
+        else:  # output_overwritten: in-place ops on the layer's (non-view) output; B is read before them
+            h = self.lin(x.mean(1))
+            h.mul_(3.0)
+            return self.head(torch.relu_(h))
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize(
+    "kind", ["twice", "bypassed", "input_overwritten", "view_output_overwritten", "output_overwritten"]
+)
+def test_what_only_a_forward_shows_is_refused_or_exact(kind):
+    torch.manual_seed(0)
+    model = _Forwards(kind)
+    gen = torch.Generator().manual_seed(10)
+    inputs, targets = torch.randn(4, 2, 5, 6, generator=gen), torch.randint(0, NUM_CLASSES, (4, 2), generator=gen)
+    params = dict(model.named_parameters())
+    if kind == "output_overwritten":  # exact, although the captured output was overwritten twice
+        assert exact_or_refused(model, params, inputs, targets)[0] is None
+        return
+    engine = LayerwiseClipper(model, params)  # the constructor cannot see it without running the model...
+    with pytest.raises(UnsupportedLayer, match="runs twice|did not run|overwritten"):
+        engine.clipped_sum(inputs, targets, 1.0)
+    with pytest.raises(UnsupportedLayer, match="runs twice|did not run|overwritten"):  # ...given an example, it does
+        LayerwiseClipper(model, params, example=inputs[:, 0])
+
+
+def test_shared_modules_are_refused():
+    lin = nn.Linear(6, 6)
+    model = nn.Sequential(lin, nn.GELU(), lin)
+    with pytest.raises(UnsupportedLayer, match="shared"):
+        LayerwiseClipper(model, dict(model.named_parameters()))
 
 
 def test_both_ghost_and_direct_paths_are_exercised():
@@ -95,8 +326,11 @@ def test_unsupported_layers_are_refused():
     model = timm.create_model("test_vit", num_classes=NUM_CLASSES, img_size=32, dynamic_img_size=True)
     dp = make_dp_model(model, trainable="all")
     engine = LayerwiseClipper(dp.tail_module, dp.trainable_params())
-    with pytest.raises(UnsupportedLayer, match="pos_embed made for"):  # 64 px input: resampled pos_embed
-        engine.clipped_sum(torch.randn(2, 1, 3, 64, 64), torch.zeros(2, 1, dtype=torch.long), 1.0)
+    big = torch.randn(2, 1, 3, 64, 64)  # 64 px input: pos_embed resampled from the 32 px grid
+    with pytest.raises(UnsupportedLayer, match="pos_embed made for"):
+        engine.clipped_sum(big, torch.zeros(2, 1, dtype=torch.long), 1.0)
+    with pytest.raises(UnsupportedLayer, match="pos_embed made for"):  # given an example, the constructor sees it
+        LayerwiseClipper(dp.tail_module, dp.trainable_params(), example=big[:, 0])
     emb = nn.Embedding(4, 3, scale_grad_by_freq=True)
     with pytest.raises(UnsupportedLayer, match="Embedding"):
         LayerwiseClipper(emb, dict(emb.named_parameters()))
@@ -162,17 +396,12 @@ def test_embedding_matches_naive(num_views):
     gen = torch.Generator().manual_seed(6)
     ids = torch.randint(0, 12, (5, num_views, 7), generator=gen)  # repeated ids and padding (0) included
     targets = torch.randint(0, NUM_CLASSES, (5, num_views), generator=gen)
-    grads, norms = [], []
-    for x, y in zip(ids, targets):
-        g = torch.autograd.grad(group_loss(model(x), y), list(params.values()))
-        grads.append(g)
-        norms.append(torch.sqrt(sum(t.pow(2).sum() for t in g)))
-    max_norm = float(torch.stack(norms).median())
-    factors = [min(1.0, max_norm / (float(n) + 1e-6)) for n in norms]
+    grads, norms = naive_group_grads(model, params, ids, targets)
+    max_norm = float(norms.median())
+    expected = naive_clipped_sum(params, grads, norms, max_norm)
     got, _ = LayerwiseClipper(model, params).clipped_sum(ids, targets, max_norm)
-    for i, name in enumerate(params):
-        expected = sum(f * g[i] for f, g in zip(factors, grads))
-        assert torch.allclose(got[name], expected, atol=1e-5, rtol=1e-4), name
+    for name in params:
+        assert torch.allclose(got[name], expected[name], atol=1e-5, rtol=1e-4), name
     assert got["emb.weight"][0].abs().sum() == 0  # padding row untouched
 
 
@@ -182,11 +411,7 @@ def test_each_example_contributes_alone_and_at_most_c(kind):
     dp = _model(kind)
     with torch.no_grad():
         dp.model.get_classifier().weight.normal_(0, 0.5)
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        feats = dp.split.prefix(torch.randn(6 * 2, 3, 32, 32, generator=gen))
-    inputs = feats.view(6, 2, *feats.shape[1:])
-    targets = torch.randint(0, NUM_CLASSES, (6, 2), generator=gen)
+    inputs, targets = _tail_batch(dp, 6, 2, seed=7)
     engine = LayerwiseClipper(dp.tail_module, dp.trainable_params())
     c = 0.05  # small: every example is clipped
 

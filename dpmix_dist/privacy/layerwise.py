@@ -9,32 +9,152 @@ respect to its output; no parameter gradient is formed by autograd. A group's gr
 
 whichever costs fewer multiply-adds, then sum the norms over layers (flat clipping), take the clip factors
 c_i = min(1, C/‖g_i‖), and form the clipped sum Σ_i c_i g_i directly from the kept A and B (*book-keeping*: no
-second backward). Conv2d is a Linear over unfolded patches; LayerNorm / GroupNorm / LayerScale, an
-Embedding lookup, a ViT's cls/reg tokens and position embedding and a ConvNeXt block's gamma have closed
-forms. Layers of any other kind with trainable parameters are refused (`UnsupportedLayer`): the caller then
-uses the generic engine in `clipping.py`.
+second backward).
 
-Imports torch only. Exactness is tested against the naive per-group loop for every trainable parameter.
+Exact or refused. A layer is accepted only if its EXACT class is in `_RULES`, a registry of classes whose forward
+has been read and is the closed form its rule computes: Linear; Conv2d (a Linear over unfolded patches, its padding
+replayed: 'same', reflect..., timm's Conv2dSame); LayerNorm / GroupNorm, and timm's norm + activation layers with B
+taken before the activation; LayerScale; an Embedding lookup; a ViT's cls/reg tokens and position embedding; a
+ConvNeXt block's gamma. A subclass is not its base class (timm's StdConv2d standardises its weight in forward), so
+any other module owning a trainable parameter is refused by the constructor (`UnsupportedLayer`), never
+approximated: `performance.engine=auto` then uses the generic engine in `clipping.py`. What only a forward can show
+(a layer run twice or bypassed, a tensor it read overwritten in place) is refused at the first call, or by the
+constructor when it is given an `example` input.
+
+Imports torch only. Exactness is tested against the naive per-group loop for every trainable parameter, for every
+registered class and across timm's model zoo (tests/test_layerwise.py, tests/test_zoo.py).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from dpmix_dist.privacy.clipping import clip_factors
 
+_FIX = "performance.engine=auto falls back to the generic engine (performance.engine=functorch)"
+_FIX_RUN = "use performance.engine=functorch (engine=auto falls back only on a refusal by the constructor)"
+
 
 class UnsupportedLayer(TypeError):
-    """A module owns trainable parameters this engine has no closed form for."""
+    """A module owns trainable parameters this engine has no exact rule for. `layers`: the offending class names."""
+
+    def __init__(self, message: str, layers: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.layers = layers
 
 
-# timm modules recognised by class name, so this module needs no timm import: y = x * gamma.
-_LAYER_SCALES = ("LayerScale", "LayerScale2d")
+@dataclass(frozen=True)
+class _Rule:
+    """How one layer class's per-group gradient is read from what its forward saw.
+
+    kind: the closed form (see `_norms_sq`).
+    channels_first: layer_norm / scale act on axis 1 of (n, C, H, W) rather than on the last axis.
+    grad_at_drop: a norm + activation module, y = act(drop(norm(x))): B is ∂L/∂norm(x), taken at the input of its
+        `drop` child, before the activation.
+    same_pad: TF 'same' padding applied inside forward, replayed before unfolding.
+    """
+
+    kind: str
+    channels_first: bool = False
+    grad_at_drop: bool = False
+    same_pad: bool = False
+
+
+_LINEAR, _CONV, _EMBEDDING = _Rule("linear"), _Rule("conv"), _Rule("embedding")
+_LN, _LN2D, _GN = _Rule("layer_norm"), _Rule("layer_norm", channels_first=True), _Rule("group_norm")
+
+# EXACT class (module path + name, so that this module needs no timm import) -> rule. The timm entries were read in
+# timm 1.0.31; the comment says what each forward does. A class missing here is refused, whatever its base class.
+_RULES: dict[str, _Rule] = {
+    "torch.nn.modules.linear.Linear": _LINEAR,
+    "torch.nn.modules.conv.Conv2d": _CONV,
+    "torch.nn.modules.normalization.LayerNorm": _LN,
+    "torch.nn.modules.normalization.GroupNorm": _GN,
+    "torch.nn.modules.sparse.Embedding": _EMBEDDING,
+    "timm.layers.linear.Linear": _LINEAR,  # F.linear(x, weight, bias) (casts to x's dtype under torchscript only)
+    "timm.layers.conv2d_same.Conv2dSame": _Rule("conv", same_pad=True),  # pad_same(x), then F.conv2d, padding 0
+    # F.layer_norm / F.group_norm of the input with the module's weight, bias, eps. timm's fast_norm (off by default)
+    # is the same function run in the autocast dtype; the *Fp32 classes run it in fp32 and cast back.
+    "timm.layers.norm.LayerNorm": _LN,
+    "timm.layers.norm.LayerNormFp32": _LN,
+    "timm.layers.norm.LayerNorm2d": _LN2D,  # (n, C, H, W): permute to NHWC, F.layer_norm over C, permute back
+    "timm.layers.norm.LayerNorm2dFp32": _LN2D,
+    "timm.layers.norm.GroupNorm": _GN,
+    "timm.layers.norm.GroupNorm1": _GN,  # one group
+    "timm.models.metaformer.LayerNormNoBias": _LN,  # the parent class's forward with bias = None
+    "timm.models.metaformer.LayerNorm2dNoBias": _LN2D,
+    "timm.models.metaformer.GroupNorm1NoBias": _GN,
+    # norm as above (LayerNormAct2d permutes back to NCHW first), then x = self.drop(x); x = self.act(x)
+    "timm.layers.norm_act.LayerNormAct": _Rule("layer_norm", grad_at_drop=True),
+    "timm.layers.norm_act.LayerNormActFp32": _Rule("layer_norm", grad_at_drop=True),
+    "timm.layers.norm_act.LayerNormAct2d": _Rule("layer_norm", channels_first=True, grad_at_drop=True),
+    "timm.layers.norm_act.LayerNormAct2dFp32": _Rule("layer_norm", channels_first=True, grad_at_drop=True),
+    "timm.layers.norm_act.GroupNormAct": _Rule("group_norm", grad_at_drop=True),
+    "timm.layers.norm_act.GroupNorm1Act": _Rule("group_norm", grad_at_drop=True),
+    # x * gamma over the last axis / over axis 1; MetaFormer's Scale is x * scale.view(shape), shape (C,) or (C, 1, 1)
+    "timm.layers.layer_scale.LayerScale": _Rule("scale"),
+    "timm.layers.layer_scale.LayerScale2d": _Rule("scale", channels_first=True),
+    "timm.models.metaformer.Scale": _Rule("scale"),
+    # _pos_embed: z = cat(cls, reg, patches) + pos_embed (no_embed_class: cat(cls, reg, patches + pos_embed)) feeds
+    # pos_drop, so ∂L/∂z gives all three per example
+    "timm.models.vision_transformer.VisionTransformer": _Rule("vit_tokens"),
+    # out = drop_path(y.mul(gamma)) + shortcut(x), y = the mlp's output: ∂L/∂γ_c = Σ_hw y_c · ∂L/∂(γy)_c
+    "timm.models.convnext.ConvNeXtBlock": _Rule("convnext_gamma"),
+}
+
+
+def _class_name(module: nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def _instance_problem(sub: nn.Module, rule: _Rule, own: dict[str, str]) -> str | None:
+    """Why this instance of a registered class is still outside its rule's closed form (None: it is not)."""
+    if rule.kind == "embedding" and (sub.max_norm is not None or sub.scale_grad_by_freq or sub.sparse):
+        return "max_norm / scale_grad_by_freq / sparse"
+    if rule.kind == "layer_norm" and len(sub.normalized_shape) != 1:
+        return f"normalized_shape {tuple(sub.normalized_shape)} (one axis only)"
+    if rule.kind == "scale" and getattr(sub, "inplace", False):
+        return "inplace=True overwrites its input (models.disable_inplace)"
+    if rule.kind == "vit_tokens":
+        if not set(own) <= {"cls_token", "reg_token", "pos_embed"}:
+            return f"trainable {', '.join(sorted(own))}"
+    if rule.kind == "convnext_gamma" and set(own) != {"gamma"}:
+        return f"trainable {', '.join(sorted(own))}"
+    return None
+
+
+@dataclass
+class _Captured:
+    module: nn.Module  # the module that owns the parameters
+    rule: _Rule
+    names: dict[str, str]  # attribute ("weight", "bias", "gamma", "pos_embed"...) -> full parameter name
+    channels_first: bool = False
+    inputs: torch.Tensor | None = None  # A, detached (kept during one call only)
+    input_version: int = 0  # A's version counter when captured: an in-place write after it is detected
+    edge: GradientEdge | None = None  # where B is read: a gradient edge, which later in-place ops do not move...
+    out_view: torch.Tensor | None = None  # ...unless B's tensor is a view (Linear on (n, T, d)): then none may occur
+    out_version: int = 0
+    out_meta: tuple | None = None  # B's (shape, dtype), for a layer whose output the loss ignores
+    grad_out: torch.Tensor | None = None
+    per_group: dict[str, torch.Tensor] = field(default_factory=dict)  # direct per-group gradients
+    ghost: bool = False
+
+    def taps(self) -> list[tuple[nn.Module, str, str]]:
+        """(module, "input" | "output", "inputs" | "grad"): which module's input or output is A, and where B is."""
+        mod, rule = self.module, self.rule
+        if rule.kind == "vit_tokens":  # dynamic_img_size: A = the patch grid, to see whether pos_embed was resampled
+            return [(mod.pos_drop, "output", "grad")] + [(mod.patch_embed, "output", "inputs")] * mod.dynamic_img_size
+        if rule.kind == "convnext_gamma":  # A = y (the mlp's output), B at drop_path's output
+            return [(mod.mlp, "output", "inputs"), (mod.drop_path, "output", "grad")]
+        grad_at = (mod.drop, "input") if rule.grad_at_drop else (mod, "output")
+        return [(mod, "input", "inputs"), (*grad_at, "grad")]
 
 
 def _pad_same(x: torch.Tensor, kernel: tuple, stride: tuple, dilation: tuple) -> torch.Tensor:
@@ -47,17 +167,18 @@ def _pad_same(x: torch.Tensor, kernel: tuple, stride: tuple, dilation: tuple) ->
     return F.pad(x, (left, right, top, bottom))
 
 
-@dataclass
-class _Captured:
-    module: nn.Module  # the module whose input/output-gradient is captured
-    names: dict[str, str]  # attribute ("weight", "bias", "gamma", "pos_embed"...) -> full parameter name
-    vit: nn.Module | None = None  # set for a ViT's cls_token / reg_token / pos_embed (captured at pos_drop)
-    convnext: nn.Module | None = None  # set for a ConvNeXt block's raw gamma (y at mlp, ∂L/∂(γ·y) at drop_path)
-    inputs: torch.Tensor | None = None
-    output: torch.Tensor | None = None  # kept during one forward/backward only
-    grad_out: torch.Tensor | None = None
-    per_group: dict[str, torch.Tensor] = field(default_factory=dict)  # direct per-group gradients
-    ghost: bool = False
+def _pad_static(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """Conv2d's own padding, as its forward applies it: 'same' (the odd pixel right/bottom), 'valid', or (h, w), with
+    zeros or its padding_mode."""
+    if conv.padding == "valid":
+        return x
+    if conv.padding == "same":
+        totals = [d * (k - 1) for k, d in zip(conv.kernel_size, conv.dilation)]
+        (top, bottom), (left, right) = ((t // 2, t - t // 2) for t in totals)
+    else:
+        (top, bottom), (left, right) = ((p, p) for p in conv.padding)
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    return F.pad(x, (left, right, top, bottom), mode=mode)
 
 
 def _tokens(x: torch.Tensor, num_groups: int) -> torch.Tensor:
@@ -69,43 +190,54 @@ class LayerwiseClipper:
     """Clipped per-group gradient sums for the trainable parameters of `module`.
 
     Args:
-        module: maps a batch of inputs (n, ...) to logits (n, classes); all its trainable parameters must sit in
-            Linear, Conv2d, LayerNorm, GroupNorm or timm LayerScale modules.
+        module: maps a batch of inputs (n, ...) to logits (n, classes); each module owning a trainable parameter must
+            be of a class in `_RULES` (exactly: a subclass is refused).
         params: name -> trainable parameter (names as in `module.named_parameters()`).
+        example: optional inputs (n, ...) of the kind `module` will see: one is run through `clipped_sum` here, so
+            that what only a forward shows (a layer run twice or bypassed) is refused by the constructor too.
+
+    Raises:
+        UnsupportedLayer: some trainable parameter sits outside the registered closed forms.
     """
 
-    def __init__(self, module: nn.Module, params: dict[str, nn.Parameter]) -> None:
+    def __init__(self, module: nn.Module, params: dict[str, nn.Parameter], example: torch.Tensor | None = None) -> None:
         self.module = module
         self.params = params
         by_id = {id(p): name for name, p in params.items()}
+        # A module or parameter registered twice may run twice: this engine keeps one capture per layer.
+        module_uses = Counter(id(m) for _, m in module.named_modules(remove_duplicate=False))
+        param_uses = Counter(id(p) for _, p in module.named_parameters(remove_duplicate=False))
         self._layers: list[_Captured] = []
+        problems: dict[str, list[str]] = {}
         covered: set[str] = set()
         for sub in module.modules():
             own = {attr: by_id[id(p)] for attr, p in sub.named_parameters(recurse=False) if id(p) in by_id}
             if not own:
                 continue
-            if type(sub).__name__ == "VisionTransformer" and set(own) <= {"cls_token", "reg_token", "pos_embed"}:
-                # z = cat(cls, reg, patches) + pos_embed feeds pos_drop: ∂L/∂z gives all three per example.
-                self._layers.append(_Captured(sub.pos_drop, own, vit=sub))
-                covered |= set(own.values())
-                continue
-            if type(sub).__name__ == "ConvNeXtBlock" and set(own) == {"gamma"}:
-                # out = drop_path(γ · y) + shortcut, y = the mlp's output: ∂L/∂γ_c = Σ_hw y_c · ∂L/∂(γy)_c
-                self._layers.append(_Captured(sub.drop_path, own, convnext=sub))
-                covered |= set(own.values())
-                continue
-            if isinstance(sub, nn.Embedding) and (sub.max_norm is not None or sub.scale_grad_by_freq or sub.sparse):
-                raise UnsupportedLayer(f"Embedding with max_norm / scale_grad_by_freq / sparse ({', '.join(own.values())})")
-            supported = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GroupNorm, nn.Embedding)
-            if not (isinstance(sub, supported) or type(sub).__name__ in _LAYER_SCALES and set(own) == {"gamma"}):
-                raise UnsupportedLayer(f"{type(sub).__name__} owns trainable {', '.join(own.values())}")
-            if isinstance(sub, nn.Conv2d) and (sub.padding_mode != "zeros" or isinstance(sub.padding, str)):
-                raise UnsupportedLayer(f"Conv2d with padding {sub.padding!r}/{sub.padding_mode} ({', '.join(own.values())})")
-            self._layers.append(_Captured(sub, own))
             covered |= set(own.values())
-        missing = set(params) - covered
+            rule = _RULES.get(_class_name(sub))
+            if rule is None:
+                problem = "no exact rule for this class"
+            elif module_uses[id(sub)] > 1 or any(param_uses[id(params[n])] > 1 for n in own.values()):
+                problem = "shared (registered more than once)"
+            else:
+                problem = _instance_problem(sub, rule, own)
+            if problem is not None:
+                problems.setdefault(type(sub).__qualname__, []).append(f"{problem}: {', '.join(own.values())}")
+                continue
+            # MetaFormer's Scale is channels-first per instance: its shape is (C, 1, 1)
+            channels_first = rule.channels_first or (rule.kind == "scale" and len(getattr(sub, "shape", ())) == 3)
+            self._layers.append(_Captured(sub, rule, own, channels_first=channels_first))
+        missing = sorted(set(params) - covered)
         if missing:
-            raise UnsupportedLayer(f"parameters outside supported layers: {', '.join(sorted(missing))}")
+            problems["(not a parameter of module)"] = [", ".join(missing)]
+        if problems:
+            detail = "; ".join(f"{cls} ({what[0]}{f' and {len(what) - 1} more' if len(what) > 1 else ''})"
+                               for cls, what in problems.items())
+            raise UnsupportedLayer(f"the layer-wise engine refuses {detail}; {_FIX}", tuple(problems))
+        if example is not None:
+            zeros = torch.zeros(1, 1, dtype=torch.long, device=example.device)
+            self.clipped_sum(example[:1].unsqueeze(1), zeros, 1.0)
 
     # ---------------------------------------------------------------------------------------- capture
 
@@ -113,49 +245,55 @@ class LayerwiseClipper:
         num_groups, num_views = inputs.shape[:2]
         handles = []
         for layer in self._layers:  # a previous call that raised may have left captures behind
-            layer.inputs = layer.output = layer.grad_out = None
+            layer.inputs = layer.edge = layer.out_view = layer.out_meta = layer.grad_out = None
             layer.per_group = {}
 
-        def forward_hook(layer: _Captured) -> Callable:
-            def hook(mod, args, output):
-                if layer.inputs is not None:
-                    raise UnsupportedLayer(f"{type(mod).__name__} runs twice in one forward (shared weights)")
-                layer.inputs, layer.output = args[0].detach(), output
-
-            return hook
-
-        def mlp_hook(layer: _Captured) -> Callable:
-            def hook(mod, args, output):
-                layer.inputs = output.detach()
-
-            return hook
-
-        def output_hook(layer: _Captured) -> Callable:
-            def hook(mod, args, output):
-                layer.output = output
+        def tap(layer: _Captured, which: str, slot: str) -> Callable:
+            def hook(mod, args, output=None):
+                value = args[0] if which == "input" else output
+                if (layer.inputs if slot == "inputs" else layer.edge) is not None:
+                    name = type(layer.module).__qualname__
+                    raise UnsupportedLayer(f"{name} runs twice in one forward (shared weights); {_FIX_RUN}", (name,))
+                if slot == "inputs":
+                    layer.inputs, layer.input_version = value.detach(), value._version
+                else:
+                    layer.edge, layer.out_meta = get_gradient_edge(value), (value.shape, value.dtype)
+                    # an in-place op on a view rebuilds its graph node: the edge would then get no gradient
+                    layer.out_view, layer.out_version = (value.detach() if value._is_view() else None), value._version
 
             return hook
 
         for layer in self._layers:
-            if layer.convnext is not None:
-                handles.append(layer.convnext.mlp.register_forward_hook(mlp_hook(layer)))
-                handles.append(layer.module.register_forward_hook(output_hook(layer)))
-            else:
-                handles.append(layer.module.register_forward_hook(forward_hook(layer)))
+            for mod, which, slot in layer.taps():
+                # an input is read before the forward runs, so that the forward itself cannot overwrite it unseen
+                register = mod.register_forward_pre_hook if which == "input" else mod.register_forward_hook
+                handles.append(register(tap(layer, which, slot)))
         try:
             logits = self.module(inputs.flatten(0, 1))
         finally:
             for h in handles:
                 h.remove()
+        for layer in self._layers:
+            name = type(layer.module).__qualname__
+            if layer.edge is None or (layer.inputs is None and any(slot == "inputs" for *_, slot in layer.taps())):
+                raise UnsupportedLayer(f"{name} owns trainable parameters but its forward did not run (its "
+                                       f"parameters are used another way); {_FIX_RUN}", (name,))
+            if layer.inputs is not None and layer.inputs._version != layer.input_version:
+                raise UnsupportedLayer(f"the input of {name} was overwritten in place after it was read "
+                                       f"(models.disable_inplace); {_FIX_RUN}", (name,))
+            if layer.out_view is not None and layer.out_view._version != layer.out_version:
+                raise UnsupportedLayer(f"the output of {name} (a view) was overwritten in place "
+                                       f"(models.disable_inplace); {_FIX_RUN}", (name,))
         # class ids (b, K) or soft labels (b, K, classes): one loss per member, then the group's mean
         per_view = F.cross_entropy(logits.float(), targets.flatten(0, 1), reduction="none")
         losses = per_view.view(num_groups, num_views).mean(1)
-        # Gradients with respect to the layers' outputs only: autograd forms no parameter gradient and does
-        # not propagate below the first trainable layer.
-        outputs = [layer.output for layer in self._layers]
-        grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
+        # Gradients with respect to the layers' outputs only (gradient edges: in-place ops after a layer, such as
+        # `x += shortcut`, do not change them): autograd forms no parameter gradient and stops at the first layer.
+        grads = torch.autograd.grad(losses.sum(), [layer.edge for layer in self._layers], allow_unused=True)
         for layer, grad in zip(self._layers, grads):
-            layer.output, layer.grad_out = None, None if grad is None else grad.detach()
+            if grad is None:  # the layer ran but the loss does not depend on its output: its gradient is zero
+                grad = torch.zeros(layer.out_meta[0], dtype=layer.out_meta[1], device=inputs.device)
+            layer.edge, layer.out_view, layer.out_meta, layer.grad_out = None, None, None, grad.detach()
         return losses.detach()
 
     # ---------------------------------------------------------------------------------------- per layer
@@ -190,58 +328,62 @@ class LayerwiseClipper:
         return sq
 
     def _norms_sq(self, layer: _Captured, num_groups: int) -> torch.Tensor:
-        mod = layer.module
-        if isinstance(mod, nn.Linear):  # upcasts per product, keeps bf16 A and B (see _linear_like)
+        mod, kind = layer.module, layer.rule.kind
+        if kind == "linear":  # upcasts per product, keeps bf16 A and B (see _linear_like)
             return self._linear_like(layer, _tokens(layer.inputs, num_groups), _tokens(layer.grad_out, num_groups))
-        if isinstance(mod, nn.Conv2d):
+        if kind == "conv":
             return self._conv(layer, num_groups)
-        if isinstance(mod, nn.Embedding):
+        if kind == "embedding":
             return self._embedding(layer, num_groups)
+        if kind == "vit_tokens":
+            return self._elementwise(layer, self._vit_embedding_grads(layer, num_groups))
         x = layer.inputs
         if x is not None and x.is_floating_point():
             x = x.float()  # bf16 activations: fp32 per-example math (temporaries; nothing of them is kept)
         gy = layer.grad_out.float()
-        if layer.vit is not None:
-            return self._elementwise(layer, self._vit_embedding_grads(layer.vit, gy, num_groups))
-        if layer.convnext is not None:
-            y = x if layer.convnext.use_conv_mlp else x.permute(0, 3, 1, 2)  # the mlp ran channels-last
+        if kind == "convnext_gamma":
+            y = x if mod.use_conv_mlp else x.permute(0, 3, 1, 2)  # the mlp ran channels-last
             prod = (y * gy).reshape(num_groups, -1, gy.shape[1], gy[0, 0].numel()).sum((1, 3))
             return self._elementwise(layer, {"gamma": prod})
-        if isinstance(mod, (nn.LayerNorm, nn.GroupNorm)):
-            if isinstance(mod, nn.LayerNorm):
-                if type(mod).__name__ == "LayerNorm2d":  # timm: normalizes the channel axis of (n, C, H, W)
-                    x, gy = x.permute(0, 2, 3, 1), gy.permute(0, 2, 3, 1)
-                xhat = F.layer_norm(x, mod.normalized_shape, eps=mod.eps)
-                xhat, gy = xhat.reshape(num_groups, -1, xhat.shape[-1]), gy.reshape(num_groups, -1, gy.shape[-1])
-            else:
-                xhat = F.group_norm(x, mod.num_groups, eps=mod.eps)  # (n·K, C, H, W) -> channels on axis 1
-                c = xhat.shape[1]
-                xhat = xhat.reshape(num_groups, -1, c, xhat[0, 0].numel()).transpose(2, 3).reshape(num_groups, -1, c)
-                gy = gy.reshape(num_groups, -1, c, gy[0, 0].numel()).transpose(2, 3).reshape(num_groups, -1, c)
+        if kind == "layer_norm":
+            if layer.channels_first:  # normalises the channel axis of (n, C, H, W)
+                x, gy = x.permute(0, 2, 3, 1), gy.permute(0, 2, 3, 1)
+            xhat = F.layer_norm(x, mod.normalized_shape, eps=mod.eps)
+            xhat, gy = xhat.reshape(num_groups, -1, xhat.shape[-1]), gy.reshape(num_groups, -1, gy.shape[-1])
             return self._elementwise(layer, {"weight": (xhat * gy).sum(1), "bias": gy.sum(1)})
-        # LayerScale: out = x * gamma, gamma over the channel axis (last for LayerScale, 1 for LayerScale2d)
-        if type(mod).__name__ == "LayerScale2d":
+        if kind == "group_norm":
+            xhat = F.group_norm(x, mod.num_groups, eps=mod.eps)  # (n·K, C, H, W) -> channels on axis 1
+            c = xhat.shape[1]
+            xhat = xhat.reshape(num_groups, -1, c, xhat[0, 0].numel()).transpose(2, 3).reshape(num_groups, -1, c)
+            gy = gy.reshape(num_groups, -1, c, gy[0, 0].numel()).transpose(2, 3).reshape(num_groups, -1, c)
+            return self._elementwise(layer, {"weight": (xhat * gy).sum(1), "bias": gy.sum(1)})
+        # scale: out = x * gamma over the channel axis (axis 1 of (n, C, ...) or the last axis)
+        (attr,) = layer.names
+        if layer.channels_first:
             prod = (x * gy).reshape(num_groups, -1, x.shape[1], x[0, 0].numel()).sum((1, 3))
         else:
             prod = (x * gy).reshape(num_groups, -1, x.shape[-1]).sum(1)
-        return self._elementwise(layer, {"gamma": prod})
+        return self._elementwise(layer, {attr: prod})
 
     @staticmethod
-    def _vit_embedding_grads(vit: nn.Module, gz: torch.Tensor, num_groups: int) -> dict[str, torch.Tensor]:
+    def _vit_embedding_grads(layer: _Captured, num_groups: int) -> dict[str, torch.Tensor]:
         """Per-group gradients of cls_token / reg_token / pos_embed from ∂L/∂z, z = the embedded sequence."""
+        vit, gz = layer.module, layer.grad_out.float()
+        grid = None if layer.inputs is None else tuple(layer.inputs.shape[1:3])  # dynamic_img_size: (n, H, W, D)
+        if "pos_embed" in layer.names and grid not in (None, tuple(vit.patch_embed.grid_size)):
+            # resample_abs_pos_embed interpolated pos_embed: ∂z/∂pos_embed is no longer the identity
+            built = tuple(vit.patch_embed.grid_size)
+            raise UnsupportedLayer(f"ViT input of {grid} patches, pos_embed made for {built}: build the model for the "
+                                   f"input size (img_size); {_FIX_RUN}", ("VisionTransformer",))
         g = gz.reshape(num_groups, -1, *gz.shape[1:]).sum(1)  # (n, T, D): the group's views summed
         num_cls = 1 if vit.cls_token is not None else 0
         num_reg = vit.reg_token.shape[1] if vit.reg_token is not None else 0
-        expected = (vit.pos_embed.shape[1] + (vit.num_prefix_tokens if vit.no_embed_class else 0)
-                    if vit.pos_embed is not None else g.shape[1])
-        if g.shape[1] != expected:  # dynamic_img_size resampled pos_embed: ∂z/∂pos_embed is no longer the identity
-            raise UnsupportedLayer(f"ViT input of {g.shape[1]} tokens, pos_embed made for {expected}: use the built size")
         grads = {}
         if num_cls:
             grads["cls_token"] = g[:, :1]
         if num_reg:
             grads["reg_token"] = g[:, num_cls : num_cls + num_reg]
-        if vit.pos_embed is not None:
+        if vit.pos_embed is not None:  # added as is (a resampling dynamic_img_size is refused by the constructor)
             grads["pos_embed"] = g[:, vit.num_prefix_tokens :] if vit.no_embed_class else g
         return grads
 
@@ -267,9 +409,14 @@ class LayerwiseClipper:
 
     def _conv(self, layer: _Captured, num_groups: int) -> torch.Tensor:
         mod, x, gy = layer.module, layer.inputs, layer.grad_out
-        if type(mod).__name__ == "Conv2dSame":  # timm's TF-style 'same' conv pads inside forward, asymmetrically
+        padding = 0
+        if layer.rule.same_pad:  # timm's TF-style 'same' conv pads inside forward, asymmetrically
             x = _pad_same(x, mod.kernel_size, mod.stride, mod.dilation)
-        cols = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
+        elif isinstance(mod.padding, str) or mod.padding_mode != "zeros":
+            x = _pad_static(x, mod)
+        else:
+            padding = mod.padding  # zeros on both sides: unfold pads
+        cols = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=padding, stride=mod.stride)
         n_views, _, length = cols.shape
         gy = gy.reshape(n_views, mod.out_channels, -1)  # (n·K, C_out, L)
         if mod.groups == 1:
@@ -292,7 +439,7 @@ class LayerwiseClipper:
         out = {}
         for attr, name in layer.names.items():
             shape = self.params[name].shape
-            if attr == "weight" and layer.ghost and isinstance(layer.module, nn.Embedding):
+            if attr == "weight" and layer.ghost and layer.rule.kind == "embedding":
                 ids, b = layer.inputs, layer.grad_out  # (n, T), (n, T, D)
                 scaled = (b * factors.view(-1, 1, 1)).reshape(-1, b.shape[-1])
                 out[name] = torch.zeros(shape, device=b.device).index_add_(0, ids.reshape(-1), scaled)
@@ -329,8 +476,6 @@ class LayerwiseClipper:
             losses = self._forward_backward(inputs, targets)
         norms_sq = torch.zeros(num_groups, device=inputs.device, dtype=torch.float32)
         for layer in self._layers:
-            if layer.grad_out is None:
-                raise RuntimeError(f"{type(layer.module).__name__} got no gradient: is it used in the forward?")
             norms_sq += self._norms_sq(layer, num_groups)
         factors = clip_factors(norms_sq.sqrt(), max_grad_norm)
         summed: dict[str, torch.Tensor] = {}
