@@ -215,9 +215,11 @@ class PerformanceConfig:
     micro_batch_size: int = 256
     """Examples whose per-example gradients are held at once (gradient accumulation inside a step)."""
     engine: Literal["auto", "layerwise", "functorch"] = "auto"
-    """Per-example clipping engine. `layerwise`: ghost norms + book-keeping, one backward, for models whose
-    trainable parameters sit in Linear/Conv2d/LayerNorm/GroupNorm/LayerScale; `functorch`: generic vmap of
-    per-group gradients; `auto`: layerwise where it applies, else functorch. Both are exact."""
+    """Per-example clipping engine. `layerwise`: ghost norms + book-keeping, one backward; exact for every layer
+    class it accepts (a registry of exact types: Linear, Conv2d, LayerNorm, GroupNorm, timm's norm+activation
+    layers, LayerScale, ViT tokens, ...) and refuses any other that owns a trainable parameter; `functorch`:
+    generic vmap of per-group gradients, exact as far as torch's vmap rules are (benchmarks/README.md: the zoo
+    coverage table, and XCiT, where it is not); `auto`: layerwise where it accepts the model, else functorch."""
     eval_batch_size: int = 500
     cache_frozen_features: bool = True
     """Run the frozen part of the backbone once per image and keep its output, when no augmentation

@@ -220,8 +220,13 @@ class Trainer:
         """The layer-wise engine where it applies (None = the generic torch.func engine)."""
         if name == "functorch":
             return None
+        # One mid-grey image (not private data) through the engine now: what only shows when the model runs (a layer
+        # run twice, an output overwritten in place) is refused here, where `auto` can still fall back.
+        shape = self.metadata["splits"]["train"]["image_shape"]
+        with torch.no_grad():
+            example = self.dp_model.split.prefix(self._to_input(np.full((1, *shape), 128, dtype=np.uint8)))
         try:
-            return LayerwiseClipper(self.dp_model.tail_module, self.params)
+            return LayerwiseClipper(self.dp_model.tail_module, self.params, example=example)
         except UnsupportedLayer as exc:
             if name == "layerwise":
                 raise ConfigError(f"performance.engine=layerwise: {exc}; use auto or functorch") from None
