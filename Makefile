@@ -12,10 +12,11 @@ FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 DEMO_CONFIG ?= fmnist_effnet_lite0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test setup data synthetic clean help
+.PHONY: demo test test-fast setup data synthetic clean help
 help:
 	@echo "make demo   - set up and run the offline default (EfficientNet-Lite0 on Fashion-MNIST, eps=8)"
 	@echo "make test   - set up and run the tests"
+	@echo "make test-fast - the unit tier only (no slow end-to-end or gpu tests), for iteration"
 	@echo "make synthetic - train the offline generator on the public split, render and check its images"
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -54,7 +55,11 @@ demo: setup data
 		launch/finetune.py --config $(DEMO_CONFIG)
 
 test: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15
+
+# for iteration: the unit tier only (no multi-process / end-to-end `slow` tests, no `gpu`)
+test-fast: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow and not gpu" --durations=10
 
 clean:
 	rm -rf $(VENV) data runs .cache models
