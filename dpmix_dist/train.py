@@ -265,6 +265,8 @@ class Trainer:
         self.mechanism.begin_step(self.step)
         loss_sum = 0.0
         for chunk in sampled.split(self.config.performance.micro_batch_size):
+            if not len(chunk):  # nothing sampled on this rank (split yields one empty chunk): it still reduces below
+                continue
             inputs, targets = self._groups(store, chunk)
             if self.engine is not None:
                 summed, losses = self.engine.clipped_sum(inputs, targets, self.guarantee.max_grad_norm, self._autocast)
@@ -324,7 +326,7 @@ class Trainer:
                     bar.write(f"step {self.step}/{g.steps}  ε={epsilon:.3f}  {self.config.data.eval_split} accuracy {accuracy:.4f}")
                 if self.step % ckpt_every == 0 and self.step < g.steps:
                     self._save_checkpoint()
-                if g.private:  # the guarantee only: no value computed from the private batch (contract item 9)
+                if g.private and not bar.disable:  # the guarantee only: nothing computed from the private batch
                     bar.set_postfix_str(f"ε ≤ {g.epsilon_bound(self.step):.2f} of {self.config.privacy.target_epsilon:g}")
                 bar.update(1)
                 if self.dist.any_rank(stop.requested) and self.step < g.steps:  # every rank stops at the same step

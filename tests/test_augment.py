@@ -374,3 +374,18 @@ def test_non_private_run_writes_strict_json(data, tmp_path):
     text = (tmp_path / "summary.json").read_text()
     assert '"epsilon": null' in text and "Infinity" not in text and '"private": false' in text
     assert summary.read(tmp_path / "summary.json")["epsilon"] == float("inf")
+
+
+@pytest.mark.parametrize("engine", ["layerwise", "functorch"])
+def test_a_step_that_samples_nothing_still_releases_noise(data, tmp_path, engine):
+    """Contract item 1: a rank whose Poisson sample is empty takes part in the step (before: the layer-wise engine
+    crashed on the one empty micro-batch that `split` yields)."""
+    from dpmix_dist.privacy.sampling import poisson_mask
+
+    trainer = _trainer(data, tmp_path, "dpsgd", "privacy.expected_batch_size=1", f"performance.engine={engine}")
+    assert (trainer.engine is not None) == (engine == "layerwise")
+    q = trainer.guarantee.sample_rate
+    trainer.step = next(s for s in range(200) if not poisson_mask(SEED, s, trainer.num_train, q).any())
+    before = {n: p.detach().clone() for n, p in trainer.params.items()}
+    trainer.train_step(trainer.train_store)
+    assert any(not torch.equal(before[n], p) for n, p in trainer.params.items())  # the noise, alone
