@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -48,10 +50,11 @@ def gaussian_noise(secret_seed: int, step: int, numel: int, std: float, device: 
     """N(0, std²) on each of `numel` coordinates (fp32), chunk c seeded by (secret seed, "noise", step, c)."""
     if std < 0:
         raise ValueError(f"noise std must be >= 0, got {std}")
-    parts = [
-        _standard_normals(secret_seed, ("noise", step, c), min(CHUNK, numel - start))
-        for c, start in enumerate(range(0, numel, CHUNK))
-    ]
+    starts = range(0, numel, CHUNK)
+    # Chunks are independent streams; hashlib and numpy release the GIL on large buffers, so threads use every core.
+    with ThreadPoolExecutor(max_workers=min(len(starts), os.cpu_count() or 1) or 1) as pool:
+        parts = list(pool.map(lambda c: _standard_normals(secret_seed, ("noise", step, c), min(CHUNK, numel - starts[c])),
+                              range(len(starts))))  # fmt: skip
     flat = np.concatenate(parts) if parts else np.zeros(0)
     return torch.from_numpy((flat * std).astype(np.float32)).to(device)
 
