@@ -11,22 +11,16 @@ change the mechanism or the result beyond float rounding (micro-batch size, thre
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
 from dpmix_dist.errors import ConfigError
+from dpmix_dist.typed_yaml import CONFIG_DIR, build_dataclass, load_yaml_config, resolve_config_path
+from dpmix_dist.typed_yaml import fail_key as _fail
 
-def _fail(key: str, message: str) -> None:
-    raise ConfigError(f"{key}: {message}")
+__all__ = ["CONFIG_DIR", "ConfigError", "load_yaml_config", "resolve_config_path"]  # re-exported for callers
 
 
 @dataclass(frozen=True)
@@ -317,7 +311,6 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
-        a = self.augment
         if not self.privacy.enabled and self.tracking.register_as:
             _fail("tracking.register_as", "a non-private run (privacy.enabled=false) has no guarantee to register; "
                   "leave tracking.register_as empty")  # fmt: skip
@@ -326,117 +319,9 @@ class Config:
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def resolve_config_path(name: str, config_dir: Path = CONFIG_DIR) -> Path:
-    """`NAME`, `NAME.yaml` (in `config_dir`) or a path to a YAML file."""
-    candidates = [Path(name), config_dir / name, config_dir / f"{name}.yaml"]
-    for path in candidates:
-        if path.is_file():
-            return path
-    available = ", ".join(sorted(p.stem for p in config_dir.glob("*.yaml")))
-    raise ConfigError(f"--config {name}: no such file or shipped config (shipped: {available})")
-
-
-def _check_type(key: str, value: Any, annotation: Any) -> Any:
-    """Return `value` converted to `annotation`, or raise ConfigError naming `key`."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        (inner,) = [a for a in options if a is not type(None)]
-        return _check_type(key, value, inner)
-    if origin is Literal:
-        allowed = typing.get_args(annotation)
-        if value not in allowed:
-            _fail(key, f"must be one of {', '.join(map(str, allowed))}; got {value!r}")
-        return value
-    if annotation is bool:
-        if not isinstance(value, bool):
-            _fail(key, f"must be true or false, got {value!r}")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            _fail(key, f"must be an integer, got {value!r}")
-        return value
-    if annotation is float:
-        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-5 without a dot as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            _fail(key, f"must be a number, got {value!r}")
-        if not math.isfinite(value):
-            _fail(key, f"must be finite, got {value!r}")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            _fail(key, f"must be a string, got {value!r}")
-        return value
-    if origin is tuple:  # tuple[X, ...]: a YAML list
-        (inner, _) = typing.get_args(annotation)
-        if not isinstance(value, (list, tuple)):
-            _fail(key, f"must be a list, got {value!r}")
-        return tuple(_check_type(f"{key}[{i}]", v, inner) for i, v in enumerate(value))
-    raise TypeError(f"unsupported config type {annotation} for {key}")  # a bug in this file, not user input
-
-
-def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in names:
-            where = f"{prefix}{key}"
-            _fail(where, f"unknown key (valid keys here: {', '.join(sorted(names))})")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in raw:
-            continue
-        key, value, hint = f"{prefix}{f.name}", raw[f.name], hints[f.name]
-        if dataclasses.is_dataclass(hint):
-            if not isinstance(value, dict):
-                _fail(key, f"must be a mapping (a YAML section), got {value!r}")
-            kwargs[f.name] = _build(hint, value, f"{key}.")
-        else:
-            kwargs[f.name] = _check_type(key, value, hint)
-    return cls(**kwargs)
-
-
-def _apply_override(raw: dict[str, Any], override: str) -> None:
-    if "=" not in override:
-        raise ConfigError(f"override {override!r}: expected KEY=VALUE, e.g. privacy.target_epsilon=2")
-    key, text = override.split("=", 1)
-    parts = key.strip().split(".")
-    node = raw
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"{key}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
-
-
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """Validate a nested dict (as read from YAML) into a Config."""
-    return _build(Config, raw, "")
-
-
-def load_yaml_config(cls: type, name: str, overrides: list[str] | tuple[str, ...] = (), config_dir: Path = CONFIG_DIR):
-    """Read `config_dir/NAME.yaml` (or a path), apply `section.key=value` overrides, validate into `cls`."""
-    path = resolve_config_path(name, config_dir)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.object[exc.start]:#04x} at position {exc.start}); "
-                          "a config is YAML text: save it as UTF-8, or check that the path names the config "
-                          "and not another file") from None  # fmt: skip
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-    if not isinstance(raw, dict):
-        sections = ", ".join(f"{f.name}:" for f in dataclasses.fields(cls))
-        raise ConfigError(f"{path}: must hold a mapping of sections ({sections})")
-    for override in overrides:
-        _apply_override(raw, override)
-    return _build(cls, raw, "")
+    return build_dataclass(Config, raw, "")
 
 
 def load_config(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:

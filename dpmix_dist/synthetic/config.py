@@ -13,7 +13,8 @@ import string
 from dataclasses import dataclass, field
 from typing import Literal
 
-from dpmix_dist.config import CONFIG_DIR, _fail, load_yaml_config
+from dpmix_dist.typed_yaml import CONFIG_DIR, load_yaml_config
+from dpmix_dist.typed_yaml import fail_key as _fail
 
 DIFFUSION_CONFIG_DIR = CONFIG_DIR / "diffusion"
 GENERATE_CONFIG_DIR = CONFIG_DIR / "generate"
