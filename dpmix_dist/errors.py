@@ -1,5 +1,7 @@
 """User-facing errors: each message names the setting or file at fault and the fix. The CLI prints one line."""
 
+import sys
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the key and the fix."""
@@ -19,7 +21,5 @@ USER_ERRORS = (ConfigError, DataError, ModelError, FileExistsError, FileNotFound
 
 def fail(message: str) -> int:
     """Print one `error:` line for the user and return the exit status of a user error."""
-    import sys
-
     print(f"error: {message}", file=sys.stderr)
     return 2

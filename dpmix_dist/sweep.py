@@ -35,7 +35,7 @@ from pathlib import Path
 
 from dpmix_dist import summary as summary_json
 from dpmix_dist.config import Config, load_config
-from dpmix_dist.errors import ConfigError, DataError
+from dpmix_dist.errors import ConfigError, DataError, fail
 
 REPO = Path(__file__).resolve().parent.parent  # launch/finetune.py runs each combination
 
@@ -180,8 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         uri = resolve_uri(config.tracking)
         check_uri(uri)
     except (ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(str(exc))
     out = args.output_dir
     state_path = out / "sweep.json"
     request = {"config": args.config, "overrides": args.overrides, "combinations": [c["name"] for c in combos],

@@ -8,8 +8,6 @@ number of processes or the micro-batch size, and a resumed run continues exactly
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from pathlib import Path
@@ -25,7 +23,7 @@ from dpmix_dist import summary as summary_json
 from dpmix_dist.augment import GroupBuilder
 from dpmix_dist.config import Config, ConfigError, check_against_dataset
 from dpmix_dist.data.provenance import check_private_root, check_synthetic_root
-from dpmix_dist.data.shards import load_split, read_metadata
+from dpmix_dist.data.shards import load_split, read_metadata, shards_digest
 from dpmix_dist.data.store import ExampleStore, feature_cache_key, weights_digest
 from dpmix_dist.data.transforms import to_model_input
 from dpmix_dist.distributed import Distributed
@@ -263,7 +261,7 @@ class Trainer:
         sampled = sample_local(self._secret_seed, self.step, store.owned, self.num_train, g.sample_rate,
                                self.config.privacy.secure_noise)
         self.mechanism.begin_step(self.step)
-        loss_sum = 0.0
+        loss_sum = 0.0  # tracking.log_train_loss only
         for chunk in sampled.split(self.config.performance.micro_batch_size):
             if not len(chunk):  # nothing sampled on this rank (split yields one empty chunk): it still reduces below
                 continue
@@ -400,8 +398,8 @@ class Trainer:
         on, and the numerics (bf16 vs fp32 changes the model beyond rounding; the two engines agree to rounding,
         so `performance.engine` may change)."""
         g = self.guarantee
-        shards = json.dumps(self.metadata["splits"]["train"]["shards"], sort_keys=True).encode()
-        return {"num_train_examples": self.num_train, "train_shards_sha256": hashlib.sha256(shards).hexdigest(),
+        return {"num_train_examples": self.num_train,
+                "train_shards_sha256": shards_digest(self.metadata["splits"]["train"]["shards"]),
                 "sample_rate": g.sample_rate,
                 "noise_multiplier": g.noise_multiplier, "max_grad_norm": g.max_grad_norm, "steps": g.steps,
                 "accountant": g.accountant, "delta": g.delta, "expected_batch_size": g.expected_batch_size,

@@ -183,6 +183,11 @@ def _decode_shards(root: Path, split: str, info: dict) -> tuple[np.ndarray, np.n
     return images, labels
 
 
+def shards_digest(shards: dict[str, str]) -> str:
+    """SHA-256 of a split's shard list (name -> digest): names the decoded cache, and a run's training data."""
+    return hashlib.sha256(json.dumps(shards, sort_keys=True).encode()).hexdigest()
+
+
 def load_split(root: str | Path, split: str, cache_dir: str | Path, *, build: bool = True) -> Split:
     """Memory-map a split's decoded cache, decoding the shards first if needed (and `build`)."""
     root = Path(root)
@@ -190,7 +195,7 @@ def load_split(root: str | Path, split: str, cache_dir: str | Path, *, build: bo
     if split not in meta["splits"]:
         raise DataError(f"{root}: no {split!r} split in {METADATA}")
     info = meta["splits"][split]
-    key = hashlib.sha256(json.dumps(info["shards"], sort_keys=True).encode()).hexdigest()[:16]
+    key = shards_digest(info["shards"])[:16]
     folder = Path(cache_dir) / key
     images_path, labels_path = folder / f"{split}.images.npy", folder / f"{split}.labels.npy"
     verified_path = folder / f"{split}.verified.json"

@@ -28,8 +28,9 @@ def poisson_mask(
     if not 0 < sample_rate <= 1:
         raise ValueError(f"sample rate must be in (0, 1], got {sample_rate}")
     if secure:
-        return secure_random.poisson_mask(secret_seed, step, num_examples_global, sample_rate)
-    uniforms = torch.rand(num_examples_global, generator=generator(secret_seed, "sample", step), dtype=torch.float64)
+        uniforms = torch.from_numpy(secure_random.uniforms(secret_seed, "sample", step, count=num_examples_global))
+    else:
+        uniforms = torch.rand(num_examples_global, generator=generator(secret_seed, "sample", step), dtype=torch.float64)
     return uniforms < sample_rate
 
 

@@ -1,4 +1,4 @@
-"""Noise and sampling from a cryptographic stream, for `privacy.secure_noise=true`.
+"""Noise and sampling uniforms from a cryptographic stream, for `privacy.secure_noise=true`.
 
 The default streams (`seeding.generator`) are torch's Mersenne Twister / Philox seeded from the secret seed: fine
 statistically, but not built to resist an adversary who sees released values and knows the generator. Here:
@@ -57,10 +57,3 @@ def gaussian_noise(secret_seed: int, step: int, numel: int, std: float, device: 
                               range(len(starts))))  # fmt: skip
     flat = np.concatenate(parts) if parts else np.zeros(0)
     return torch.from_numpy((flat * std).astype(np.float32)).to(device)
-
-
-def poisson_mask(secret_seed: int, step: int, num_examples_global: int, sample_rate: float) -> torch.Tensor:
-    """Bool mask over the global set: True where the example joins step `step` (each with probability q)."""
-    if not 0 < sample_rate <= 1:
-        raise ValueError(f"sample rate must be in (0, 1], got {sample_rate}")
-    return torch.from_numpy(uniforms(secret_seed, "sample", step, count=num_examples_global) < sample_rate)
