@@ -41,7 +41,6 @@ from dpmix_dist.config import Config
 from dpmix_dist.errors import ConfigError
 from dpmix_dist.data.shards import Split, load_split
 from dpmix_dist.data.store import ExampleStore
-from dpmix_dist.data.transforms import to_model_input
 from dpmix_dist.privacy import audit as stats
 from dpmix_dist.privacy.mechanism import PrivateGradient
 from dpmix_dist.privacy.sampling import poisson_mask
@@ -139,8 +138,8 @@ class GradientCanaries:
     def accumulate(self, per_example_grads) -> None:
         self.inner.accumulate(per_example_grads)
 
-    def accumulate_clipped_sum(self, summed) -> None:
-        self.inner.accumulate_clipped_sum(summed)
+    def accumulate_clipped_sum(self, summed, num_groups: int) -> None:
+        self.inner.accumulate_clipped_sum(summed, num_groups)
 
     def finish_step(self) -> torch.Tensor:
         if self._step is None:
@@ -426,16 +425,9 @@ def run_audit(
 
 def _canary_store(trainer, split: Split) -> ExampleStore:
     """The input canaries as the trainer sees examples: the frozen prefix applied (and cached, as for private data)."""
-    cfg, model = trainer.config, trainer.dp_model.model
-    mean = tuple(model.pretrained_cfg.get("mean", (0.5,) * 3))
-    std = tuple(model.pretrained_cfg.get("std", (0.5,) * 3))
-
-    def to_input(images) -> torch.Tensor:
-        x = to_model_input(images, cfg.data.image_size, mean, std, trainer.dist.device)
-        return x.contiguous(memory_format=torch.channels_last) if cfg.performance.channels_last else x
-
+    cfg = trainer.config
     caching = cfg.performance.cache_frozen_features and cfg.augment.method == "dpsgd"
-    return ExampleStore(split, torch.arange(len(split)), to_input, trainer.dp_model.split.prefix,
+    return ExampleStore(split, torch.arange(len(split)), trainer.inputs.to_input, trainer.dp_model.split.prefix,
                         cache_features=caching, batch_size=cfg.performance.eval_batch_size)  # fmt: skip
 
 

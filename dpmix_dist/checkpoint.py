@@ -15,8 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
+from dpmix_dist import summary as summary_json
 from dpmix_dist.config import Config, config_to_dict
+from dpmix_dist.data.shards import shards_digest
+from dpmix_dist.privacy.guarantee import Guarantee
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -43,6 +47,16 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 def mechanism_sections(config: Config) -> dict:
     """Everything but `run`, `performance` and `tracking`: what a resumed run must keep (those may change)."""
     return {k: v for k, v in config_to_dict(config).items() if k not in ("run", "performance", "tracking")}
+
+
+def resume_record(g: Guarantee, num_train: int, train_shards: dict[str, str], precision: str) -> dict:
+    """What a resumed run must share with the steps already taken: the guarantee and the data it was planned on,
+    and the numerics (bf16 vs fp32 changes the model beyond rounding; the two engines agree to rounding, so
+    `performance.engine` may change)."""
+    return {"num_train_examples": num_train, "train_shards_sha256": shards_digest(train_shards),
+            "sample_rate": g.sample_rate, "noise_multiplier": g.noise_multiplier, "max_grad_norm": g.max_grad_norm,
+            "steps": g.steps, "accountant": g.accountant, "delta": g.delta,
+            "expected_batch_size": g.expected_batch_size, "precision": precision}  # fmt: skip
 
 
 def save(output_dir: Path, state: State) -> None:
@@ -93,8 +107,11 @@ def read_seed(output_dir: Path) -> int | None:
     return int(torch.load(path, map_location="cpu", weights_only=False)["secret_seed"])
 
 
-def remove(output_dir: Path) -> None:
-    """The finished run needs no private resume state."""
+def write_outputs(output_dir: Path, model: torch.nn.Module, summary: dict) -> None:
+    """The finished run's model.safetensors and summary.json (each atomically); its private resume state goes."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(output_dir / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    atomic_write(output_dir / "summary.json", lambda p: p.write_text(summary_json.dumps(summary)))
     (output_dir / CHECKPOINT).unlink(missing_ok=True)
 
 

@@ -1,19 +1,27 @@
 """Everything that knows about processes, ranks and devices. The only module that imports accelerate.
 
 `accelerate launch` (or torchrun) sets the environment; `PartialState` joins the process group (gloo on CPU,
-NCCL on GPUs). The training code asks this module simple questions (`is_main`, `all_reduce_sum`) and never
-branches on ranks itself.
+NCCL on GPUs). The training code asks this module simple questions (`all_reduce_sum`, `any_rank`) and never
+branches on ranks itself: what only the main process does (files, the tracker, messages, progress bars) goes
+through `on_main`, `print` and `progress`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import torch
 import torch.distributed as torch_dist
 from accelerate import PartialState
+from tqdm import tqdm
+
+from dpmix_dist.errors import USER_ERRORS
+
+T = TypeVar("T")
 
 
 class Distributed:
@@ -36,6 +44,15 @@ class Distributed:
         self.is_main = self._state.is_main_process
         self.is_local_main = self._state.is_local_main_process
         self.num_nodes = int(os.environ.get("NNODES", os.environ.get("GROUP_WORLD_SIZE", "1")) or 1)
+
+    def __enter__(self) -> Distributed:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # A user error is raised on every rank alike (same config, same data): leave the group together. After a
+        # bug the other ranks may never reach the barrier; the launcher ends them when this process exits.
+        if exc_type is None or issubclass(exc_type, USER_ERRORS):
+            self.close()
 
     @property
     def active(self) -> bool:
@@ -63,6 +80,19 @@ class Distributed:
         box = [obj]
         torch_dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def on_main(self, fn: Callable[..., T], *args, **kwargs) -> T | None:
+        """`fn(*args, **kwargs)` on the main process only (its result there; None on the other ranks)."""
+        return fn(*args, **kwargs) if self.is_main else None
+
+    def print(self, *values, stderr: bool = False) -> None:
+        """A message from the main process only (flushed; `stderr=True` for warnings and errors)."""
+        if self.is_main:
+            print(*values, file=sys.stderr if stderr else sys.stdout, flush=True)
+
+    def progress(self, show: bool = True, **tqdm_kwargs) -> tqdm:
+        """A tqdm bar drawn by the main process only (hidden everywhere when `show` is False)."""
+        return tqdm(disable=not (show and self.is_main), **tqdm_kwargs)
 
     def barrier(self) -> None:
         if self.active:

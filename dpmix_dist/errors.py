@@ -1,6 +1,7 @@
 """User-facing errors: each message names the setting or file at fault and the fix. The CLI prints one line."""
 
 import sys
+from collections.abc import Callable
 
 
 class ConfigError(ValueError):
@@ -23,3 +24,12 @@ def fail(message: str) -> int:
     """Print one `error:` line for the user and return the exit status of a user error."""
     print(f"error: {message}", file=sys.stderr)
     return 2
+
+
+def run_command(body: Callable[[], int | None]) -> int:
+    """Every launcher's body runs through this: a user error (`USER_ERRORS`) becomes one `error:` line and exit
+    status 2; anything else is a bug and keeps its traceback. Returns the exit status (None counts as 0)."""
+    try:
+        return body() or 0
+    except USER_ERRORS as exc:
+        return fail(str(exc))

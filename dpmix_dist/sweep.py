@@ -35,7 +35,7 @@ from pathlib import Path
 
 from dpmix_dist import summary as summary_json
 from dpmix_dist.config import Config, load_config
-from dpmix_dist.errors import ConfigError, DataError, fail
+from dpmix_dist.errors import ConfigError, run_command
 
 REPO = Path(__file__).resolve().parent.parent  # launch/finetune.py runs each combination
 
@@ -172,15 +172,15 @@ def plan(args: argparse.Namespace) -> tuple[Config, list[dict], list[str], dict[
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:  # every run's settings, checked before the first run starts
-        config, combos, common, scoped = plan(args)
-        from dpmix_dist.tracking import check_uri, experiment_id, resolve_uri
+    return run_command(lambda: _sweep(parse_args(argv)))
 
-        uri = resolve_uri(config.tracking)
-        check_uri(uri)
-    except (ConfigError, DataError) as exc:
-        return fail(str(exc))
+
+def _sweep(args: argparse.Namespace) -> int:
+    config, combos, common, scoped = plan(args)  # every run's settings, checked before the first run starts
+    from dpmix_dist.tracking import check_uri, experiment_id, resolve_uri
+
+    uri = resolve_uri(config.tracking)
+    check_uri(uri)
     out = args.output_dir
     state_path = out / "sweep.json"
     request = {"config": args.config, "overrides": args.overrides, "combinations": [c["name"] for c in combos],
@@ -192,9 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     if state_path.is_file():
         state = json.loads(state_path.read_text())
         if state["request"] != request:
-            print(f"error: {out} holds a sweep with other settings; use a new --output-dir, or the same command",
-                  file=sys.stderr)  # fmt: skip
-            return 2
+            raise ConfigError(f"{out} holds a sweep with other settings; use a new --output-dir, or the same command")
         parent_id = state["parent_run_id"]
         client.update_run(parent_id, status="RUNNING")
     else:
@@ -206,9 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                 "sweep.methods": ",".join(sorted({c["method"] for c in combos})),
                 "sweep.replicates": ",".join(args.seeds), "sweep.overrides": " ".join(args.overrides)})  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - no parent run, no sweep: say why
-            print(f"error: tracking.uri {uri}: cannot create the sweep's parent run ({type(exc).__name__}: "
-                  f"{str(exc).splitlines()[0][:200]}); is the server up?", file=sys.stderr)  # fmt: skip
-            return 2
+            raise ConfigError(f"tracking.uri {uri}: cannot create the sweep's parent run ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200]}); is the server up?") from None  # fmt: skip
         parent_id = parent.info.run_id
         state_path.write_text(json.dumps({"request": request, "parent_run_id": parent_id}, indent=2))
 

@@ -8,24 +8,18 @@ number of processes or the micro-batch size, and a resumed run continues exactly
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch.func import functional_call
-from tqdm import tqdm
 
 from dpmix_dist import checkpoint
-from dpmix_dist import summary as summary_json
-from dpmix_dist.augment import GroupBuilder
 from dpmix_dist.config import Config, ConfigError, check_against_dataset
-from dpmix_dist.data.provenance import check_private_root, check_synthetic_root
-from dpmix_dist.data.shards import load_split, read_metadata, shards_digest
-from dpmix_dist.data.store import ExampleStore, feature_cache_key, weights_digest
-from dpmix_dist.data.transforms import to_model_input
+from dpmix_dist.data.inputs import RunInputs
+from dpmix_dist.data.provenance import check_private_root
+from dpmix_dist.data.shards import read_metadata
+from dpmix_dist.data.store import ExampleStore
 from dpmix_dist.distributed import Distributed
 from dpmix_dist.errors import DataError
 from dpmix_dist.models import build_dp_model, check_model_name
@@ -33,7 +27,8 @@ from dpmix_dist.privacy.clipping import per_example_grads
 from dpmix_dist.privacy.guarantee import Guarantee, plan
 from dpmix_dist.privacy.layerwise import LayerwiseClipper, UnsupportedLayer
 from dpmix_dist.privacy.mechanism import PrivateGradient
-from dpmix_dist.privacy.sampling import owned_indices, sample_local
+from dpmix_dist.optim import build_optimizer
+from dpmix_dist.privacy.sampling import sample_local
 
 NOT_PRIVATE_LOSS = "train_loss_not_private"  # the one unprotected value, only with tracking.log_train_loss=true
 
@@ -47,7 +42,13 @@ def plan_guarantee(config: Config, num_train: int) -> Guarantee:
 
 
 class Trainer:
-    """One private fine-tuning run. Build with everything checked, then `train()`."""
+    """One private fine-tuning run. Build with everything checked, then `train()`.
+
+    The privacy audit (dpmix_dist/audit.py) trains this same trainer with canaries through three attributes that
+    may be replaced between construction and `train()`: `mechanism` (wrapped to add gradient canaries),
+    `train_store` (the private examples, extended with input canaries) and `num_train` (the sampler's index space,
+    grown with them; q and the guarantee are unchanged). Nothing else is meant to be swapped.
+    """
 
     def __init__(self, config: Config, dist: Distributed, output_dir: Path, secret_seed: int) -> None:
         self.config, self.dist, self.output_dir = config, dist, output_dir
@@ -79,20 +80,9 @@ class Trainer:
         if config.performance.channels_last:
             self.dp_model.model.to(memory_format=torch.channels_last)
         self.params = self.dp_model.trainable_params()
-        cfg = self.dp_model.model.pretrained_cfg
-        self._mean, self._std = tuple(cfg.get("mean", (0.5,) * 3)), tuple(cfg.get("std", (0.5,) * 3))
-
-        # --- optimizer (post-processing of the private gradient)
-        o = config.optim
-        params = list(self.params.values())
-        if o.name == "sgd":
-            self.optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-        else:
-            cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
-            self.optimizer = cls(params, lr=o.lr, weight_decay=o.weight_decay)
-        total = self.guarantee.steps
-        schedule = (lambda s: 0.5 * (1 + math.cos(math.pi * s / total))) if o.schedule == "cosine" else (lambda s: 1.0)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.inputs = RunInputs(config, self.metadata, self.dp_model, dist)
+        self._to_input = self.inputs.to_input
+        self.optimizer, self.scheduler = build_optimizer(config.optim, list(self.params.values()), self.guarantee.steps)
 
         self.mechanism = PrivateGradient(
             {name: p.shape for name, p in self.params.items()},
@@ -115,102 +105,10 @@ class Trainer:
         # tracking.log_train_loss only: this rank's group-loss sum and count since the last evaluation. A loss on
         # sampled private data, without noise: never computed, shown or stored unless asked for (contract item 9).
         self._loss_acc = [0.0, 0] if config.tracking.log_train_loss else None
-        self.groups = self._group_builder()
-        self._weights_digest: str | None = None  # of the model as built, for the on-disk feature cache
         # Decoding shards and caching features happen here, so a corrupt shard fails before any output is written.
-        self.train_store = self._store("train", "caching train features")
-        self.eval_store = self._store(eval_split, f"caching {eval_split} features")
-        self.synthetic_store = self._synthetic_store()
-
-    # ------------------------------------------------------------------------------------------ data
-
-    def public_example(self) -> torch.Tensor:
-        """One model input (1, 3, S, S) on the CPU from PUBLIC data, for the logged model's signature: an image of
-        the public part of the split when there is one, else a synthetic mid-grey image. Never a private one."""
-        split = self.metadata.get("split", {})
-        shape = tuple(self.metadata["splits"]["train"]["image_shape"])
-        image = np.full((1, *shape), 128, dtype=np.uint8)
-        partner = Path(split.get("partner", ""))
-        if split.get("role") == "private" and (partner / "metadata.json").is_file():
-            try:
-                public = load_split(partner, "train", self.config.data.cache_dir)
-                image = np.asarray(public.images[:1])
-            except DataError:
-                pass
-        return self._to_input(image).cpu()
-
-    def _pixels(self, images) -> torch.Tensor:
-        return to_model_input(images, self.config.data.image_size, self._mean, self._std, self.dist.device)
-
-    def _to_input(self, images) -> torch.Tensor:
-        """Model input in the model's memory layout (`_pixels` for inputs that are regrouped before the model)."""
-        x = self._pixels(images)
-        return x.contiguous(memory_format=torch.channels_last) if self.config.performance.channels_last else x
-
-    def _group_builder(self) -> GroupBuilder | None:
-        """The DP-Mix group builder (None for dpsgd), with the synthetic set checked and decoded for dpmix_diff."""
-        a = self.config.augment
-        if a.method == "dpsgd":
-            return None
-        synthetic = None
-        if a.method == "dpmix_diff":
-            check_synthetic_root(a.synthetic_root, self.metadata, self.config.data.root)
-            with self.dist.local_main_first():
-                synthetic = load_split(a.synthetic_root, "train", self.config.data.cache_dir)
-            if len(synthetic) < a.num_synthetic:
-                raise DataError(f"augment.num_synthetic={a.num_synthetic} is more than the {len(synthetic)} images "
-                                f"in {a.synthetic_root}; lower it or generate more")  # fmt: skip
-        # `_pixels`: the builder gathers views into new tensors, which `_groups` puts in the model's layout once
-        return GroupBuilder(a, self.metadata["num_classes"], self._pixels, self.config.data.image_size, synthetic)
-
-    def _store(self, split: str, desc: str) -> ExampleStore:
-        with self.dist.local_main_first():  # the node's first process decodes the shards; the others reuse it
-            data = load_split(self.config.data.root, split, self.config.data.cache_dir)
-        owned = owned_indices(len(data), self.dist.rank, self.dist.world_size)
-        # Evaluation images are never augmented; training images are, except under dpsgd.
-        caching = self.config.performance.cache_frozen_features and (split != "train" or self.config.augment.method == "dpsgd")
-        return self._example_store(data, owned, split, desc, caching, self.metadata["splits"][split]["shards"])
-
-    def _synthetic_store(self) -> ExampleStore | None:
-        """dpmix_diff's unmixed synthetic members enter the group unaugmented, so their frozen features are computed
-        once per run (every rank holds all of them: any example may draw any image). None when nothing is cached."""
-        a = self.config.augment
-        if self.groups is None or self.groups.synthetic is None or not a.include_unmixed:
-            return None
-        if not self.config.performance.cache_frozen_features:
-            return None
-        synthetic, shards = self.groups.synthetic, read_metadata(a.synthetic_root)["splits"]["train"]["shards"]
-        return self._example_store(synthetic, torch.arange(len(synthetic)), "synthetic", "caching synthetic features",
-                                   True, shards)  # fmt: skip
-
-    def _example_store(self, data, owned: torch.Tensor, split: str, desc: str, caching: bool, shards: dict) -> ExampleStore:
-        perf = self.config.performance
-        cache_file = None
-        if caching and perf.feature_cache_on_disk:  # reused by the next run on the same data and model (a sweep)
-            m = self.config.model
-            if self._weights_digest is None:  # once per run, for every store (hashing the weights takes a while)
-                self._weights_digest = weights_digest(self.dp_model.model)
-            key = feature_cache_key(self._weights_digest, shards, owned, image_size=self.config.data.image_size,
-                                    model_name=m.name, norm=m.norm, cut=[m.trainable, m.num_trainable_blocks],
-                                    channels_last=perf.channels_last, batch_size=perf.eval_batch_size,
-                                    threads=torch.get_num_threads(), device=self.dist.device.type)  # fmt: skip
-            cache_file = Path(self.config.data.cache_dir) / "features" / f"{key}.pt"
-        if caching and len(owned):
-            with torch.no_grad():
-                per_example = self.dp_model.split.prefix(self._to_input(data.images[:1])).numel() * 4
-            if per_example * len(owned) > perf.feature_cache_max_gb * 2**30:
-                raise ConfigError(
-                    f"performance.cache_frozen_features: the {split} features need "
-                    f"{per_example * len(owned) / 2**30:.1f} GiB per process (> feature_cache_max_gb="
-                    f"{perf.feature_cache_max_gb:g}); set performance.cache_frozen_features=false or train fewer blocks"
-                )
-        bar = tqdm(total=len(owned), desc=desc, unit="img", disable=not (self.dist.is_main and caching and self.config.run.progress_bar))
-        store = ExampleStore(
-            data, owned, self._to_input, self.dp_model.split.prefix, cache_features=caching,
-            batch_size=self.config.performance.eval_batch_size, progress=bar.update, cache_file=cache_file,
-        )  # fmt: skip
-        bar.close()
-        return store
+        self.inputs.load()
+        self.groups, self.train_store, self.eval_store = self.inputs.groups, self.inputs.train, self.inputs.eval
+        self.synthetic_store = self.inputs.synthetic
 
     # ------------------------------------------------------------------------------------------ steps
 
@@ -220,9 +118,8 @@ class Trainer:
             return None
         # One mid-grey image (not private data) through the engine now: what only shows when the model runs (a layer
         # run twice, an output overwritten in place) is refused here, where `auto` can still fall back.
-        shape = self.metadata["splits"]["train"]["image_shape"]
         with torch.no_grad():
-            example = self.dp_model.split.prefix(self._to_input(np.full((1, *shape), 128, dtype=np.uint8)))
+            example = self.dp_model.split.prefix(self.inputs.mid_grey())
         try:
             return LayerwiseClipper(self.dp_model.tail_module, self.params, example=example)
         except UnsupportedLayer as exc:
@@ -231,24 +128,8 @@ class Trainer:
             return None
 
     def _groups(self, store: ExampleStore, chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs to the trainable tail (b, G, ...) and targets (b, G) or (b, G, classes) for these examples."""
-        if self.groups is None:  # dpsgd: one unaugmented view per example (features maybe cached)
-            return store.features(chunk).unsqueeze(1), store.labels(chunk).to(self.dist.device).unsqueeze(1)
-        draws = self.groups.draws(self._secret_seed, self.step, chunk)
-        members, targets = self.groups.build(draws, store.split.images[chunk.numpy()], store.labels(chunk))
-        b, cached = len(chunk), None
-        if self.synthetic_store is not None:  # the S unmixed synthetic members (after the K views): cached per run
-            k, s = self.config.augment.num_views, self.config.augment.num_synthetic
-            cached = self.synthetic_store.features(torch.from_numpy(draws.synthetic.reshape(-1))).unflatten(0, (b, s))
-            members = torch.cat([members[:, :k], members[:, k + s :]], dim=1)
-        flat = members.flatten(0, 1)
-        if self.config.performance.channels_last:
-            flat = flat.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad():
-            features = self.dp_model.split.prefix(flat).unflatten(0, (b, members.shape[1]))
-        if cached is not None:
-            features = torch.cat([features[:, :k], cached.to(features.dtype), features[:, k:]], dim=1)
-        return features, targets
+        """Inputs to the trainable tail and targets for these examples at this step (`RunInputs.tail_inputs`)."""
+        return self.inputs.tail_inputs(store, chunk, self._secret_seed, self.step)
 
     def _forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.dp_model.tail_module, params, (x,))
@@ -267,8 +148,8 @@ class Trainer:
                 continue
             inputs, targets = self._groups(store, chunk)
             if self.engine is not None:
-                summed, losses = self.engine.clipped_sum(inputs, targets, self.guarantee.max_grad_norm, self._autocast)
-                self.mechanism.accumulate_clipped_sum(summed)
+                summed, losses = self.engine.clipped_sum(inputs, targets, self.mechanism.max_grad_norm, self._autocast)
+                self.mechanism.accumulate_clipped_sum(summed, num_groups=len(chunk))
             else:
                 detached = {name: p.detach() for name, p in self.params.items()}
                 grads, losses = per_example_grads(self._forward, detached, inputs, targets)
@@ -307,7 +188,7 @@ class Trainer:
         eval_every = max(1, round(run.eval_every_epochs * steps_per_epoch))
         ckpt_every = max(1, round(run.checkpoint_every_epochs * steps_per_epoch))
         stop = checkpoint.StopRequest()
-        bar = tqdm(total=g.steps, initial=self.step, desc="DP training", unit="step", disable=not (self.dist.is_main and run.progress_bar))
+        bar = self.dist.progress(run.progress_bar, total=g.steps, initial=self.step, desc="DP training", unit="step")
         start, accuracy = time.time(), float("nan")
         with stop:
             while self.step < g.steps:
@@ -319,8 +200,8 @@ class Trainer:
                     if self._loss_acc is not None:
                         record[NOT_PRIVATE_LOSS] = self._train_loss()
                     self.history.append(record)
-                    if self.on_eval is not None and self.dist.is_main:
-                        self.on_eval(record)
+                    if self.on_eval is not None:
+                        self.dist.on_main(self.on_eval, record)
                     bar.write(f"step {self.step}/{g.steps}  ε={epsilon:.3f}  {self.config.data.eval_split} accuracy {accuracy:.4f}")
                 if self.step % ckpt_every == 0 and self.step < g.steps:
                     self._save_checkpoint()
@@ -344,41 +225,22 @@ class Trainer:
         return float(acc[0] / acc[1]) if acc[1] > 0 else float("nan")
 
     def _finish(self, accuracy: float, seconds: float) -> dict:
-        g = self.guarantee
+        g, a = self.guarantee, self.config.augment
         final_epsilon = g.epsilon(self.step)
         if g.private and final_epsilon > self.config.privacy.target_epsilon:  # cannot happen by construction; never publish it
             raise RuntimeError(f"spent ε={final_epsilon} > target {self.config.privacy.target_epsilon}")
         summary = {
-            self.accuracy_key: accuracy,
-            "eval_split": self.config.data.eval_split,
-            "epsilon": final_epsilon,
-            "delta": g.delta,
-            "accountant": g.accountant,
-            "noise_multiplier": g.noise_multiplier,
-            "sample_rate": g.sample_rate,
-            "steps": self.step,
-            "expected_batch_size": g.expected_batch_size,
-            "max_grad_norm": g.max_grad_norm,
-            "world_size": self.dist.world_size,
-            "device": self.dist.device.type,
-            "method": self.config.augment.method,
-            "private": g.private,
-            "num_views": self.config.augment.num_views,
-            "num_mixes": self.config.augment.num_mixes,
-            "num_synthetic": self.config.augment.num_synthetic,
-            "group_size": self.groups.group_size if self.groups is not None else 1,
-            "model": self.config.model.name,
-            "dataset": self.metadata["name"],
-            "num_train_examples": self.num_train,
-            "trainable_parameters": sum(p.numel() for p in self.params.values()),
-            "train_seconds": round(seconds, 1),
+            self.accuracy_key: accuracy, "eval_split": self.config.data.eval_split, "epsilon": final_epsilon,
+            "delta": g.delta, "accountant": g.accountant, "noise_multiplier": g.noise_multiplier,
+            "sample_rate": g.sample_rate, "steps": self.step, "expected_batch_size": g.expected_batch_size,
+            "max_grad_norm": g.max_grad_norm, "world_size": self.dist.world_size, "device": self.dist.device.type,
+            "method": a.method, "private": g.private, "num_views": a.num_views, "num_mixes": a.num_mixes,
+            "num_synthetic": a.num_synthetic, "group_size": self.groups.group_size if self.groups is not None else 1,
+            "model": self.config.model.name, "dataset": self.metadata["name"], "num_train_examples": self.num_train,
+            "trainable_parameters": sum(p.numel() for p in self.params.values()), "train_seconds": round(seconds, 1),
             "history": self.history,
-        }
-        if self.dist.is_main:
-            state = {k: v.detach().cpu().contiguous() for k, v in self.dp_model.model.state_dict().items()}
-            checkpoint.atomic_write(self.output_dir / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-            checkpoint.atomic_write(self.output_dir / "summary.json", lambda p: p.write_text(summary_json.dumps(summary)))
-            checkpoint.remove(self.output_dir)
+        }  # fmt: skip
+        self.dist.on_main(checkpoint.write_outputs, self.output_dir, self.dp_model.model, summary)
         self.dist.barrier()
         return summary
 
@@ -386,24 +248,15 @@ class Trainer:
 
     def _save_checkpoint(self) -> None:
         """A private artifact (it holds the secret seed), written by the main process (checkpoint.py)."""
-        if self.dist.is_main:
-            checkpoint.save(self.output_dir, checkpoint.State(
-                step=self.step, secret_seed=self._secret_seed, settings=checkpoint.mechanism_sections(self.config),
-                guarantee=self._resume_record(), model={name: p.detach().cpu() for name, p in self.params.items()},
-                optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(), history=self.history,
-            ))  # fmt: skip
+        self.dist.on_main(lambda: checkpoint.save(self.output_dir, checkpoint.State(
+            step=self.step, secret_seed=self._secret_seed, settings=checkpoint.mechanism_sections(self.config),
+            guarantee=self._resume_record(), model={name: p.detach().cpu() for name, p in self.params.items()},
+            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(), history=self.history,
+        )))  # fmt: skip
 
     def _resume_record(self) -> dict:
-        """What a resumed run must share with the steps already taken: the guarantee and the data it was planned
-        on, and the numerics (bf16 vs fp32 changes the model beyond rounding; the two engines agree to rounding,
-        so `performance.engine` may change)."""
-        g = self.guarantee
-        return {"num_train_examples": self.num_train,
-                "train_shards_sha256": shards_digest(self.metadata["splits"]["train"]["shards"]),
-                "sample_rate": g.sample_rate,
-                "noise_multiplier": g.noise_multiplier, "max_grad_norm": g.max_grad_norm, "steps": g.steps,
-                "accountant": g.accountant, "delta": g.delta, "expected_batch_size": g.expected_batch_size,
-                "precision": self.config.performance.precision}  # fmt: skip
+        train_shards = self.metadata["splits"]["train"]["shards"]
+        return checkpoint.resume_record(self.guarantee, self.num_train, train_shards, self.config.performance.precision)
 
     def resume(self) -> None:
         """Continue from the checkpoint in the output folder (same guarantee and training settings required)."""

@@ -1,74 +1,12 @@
-"""Render synthetic images per class (DP-Mix_Diff's public pool) into WebDataset shards.
+"""Render synthetic images per class, DP-Mix_Diff's public pool (`--help` explains; dpmix_dist/commands/generate.py).
 
-    python launch/generate.py --config fmnist_ddpm                       # offline: the generator of train_diffusion.py
-    accelerate launch launch/generate.py --config cifar100_sd            # Stable Diffusion, one slice per GPU
-    python launch/generate.py --config fmnist_ddpm --check               # do the images carry their labels?
-
-Each process renders a disjoint set of shards; the union equals a one-process run with the same seed. Killed and
-started again, the job skips finished shards (a half-written shard is never taken for a finished one). Settings
-that change the images cannot change between a run and its restart. Output: OUTPUT.DIR/train-*.tar (KEY.png,
-KEY.cls, KEY.json with class, index and seed) and metadata.json (generator, templates, classes, counts, seeds).
+    python launch/generate.py --config fmnist_ddpm               # offline: the generator of train_diffusion.py
+    accelerate launch launch/generate.py --config cifar100_sd    # Stable Diffusion, one slice per GPU
 """
 
-from __future__ import annotations
-
-import argparse
-import json
 import sys
-import time
-from pathlib import Path
 
-from dpmix_dist.errors import USER_ERRORS, ConfigError, fail
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="configs/generate/NAME(.yaml) or a path to a YAML file")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="dotted overrides, e.g. output.images_per_class=50 generator.batch_size=8")
-    parser.add_argument("--check", action="store_true",
-                        help="instead of generating: train a classifier on real public images (check.real_data, "
-                        "default classes.from_data) and report how well it labels each class of the synthetic set")
-    parser.add_argument("--cache-dir", default=".cache/dpmix", help="decoded-shard cache (for --check)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    started = time.time()
-    try:
-        from dpmix_dist.synthetic.config import load_generate_config
-
-        cfg = load_generate_config(args.config, args.overrides)
-        if args.check:
-            from dpmix_dist.synthetic.check import check_synthetic
-
-            real = cfg.check.real_data or cfg.classes.from_data
-            if not real:
-                raise ConfigError("--check needs real public images: set check.real_data (or classes.from_data)")
-            result = check_synthetic(cfg.output.dir, real, cfg.check, args.cache_dir)
-            (Path(cfg.output.dir) / "check.json").write_text(json.dumps(result, indent=2))
-            print(json.dumps({k: v for k, v in result.items() if k != "per_class_synthetic_accuracy"}))
-            return 0
-        from dpmix_dist.synthetic.generate import resolve_classes
-
-        resolve_classes(cfg)  # a bad class list fails before processes and pipelines start
-    except USER_ERRORS as exc:
-        return fail(str(exc))
-
-    from dpmix_dist.distributed import Distributed
-    from dpmix_dist.synthetic.generate import generate
-
-    dist = Distributed()
-    try:
-        meta = generate(cfg, dist, progress=not args.no_progress)
-    except USER_ERRORS as exc:
-        dist.close()
-        return fail(str(exc))
-    if dist.is_main:
-        train = meta["splits"]["train"]
-        print(f"done in {time.time() - started:.0f} s: {train['num_examples']} images of {meta['num_classes']} classes "
-              f"in {len(train['shards'])} shard(s), world size {dist.world_size}; {cfg.output.dir}/metadata.json")
-    dist.close()
-    return 0
-
+from dpmix_dist.commands.generate import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -310,8 +310,8 @@ def test_noise_divided_by_sqrt_world_size_is_flagged(private_data, tmp_path):
 class NoClipping(PrivateGradient):
     """The bug: per-example gradients summed as they are, never clipped."""
 
-    def accumulate(self, per_example_grads) -> None:
-        self.accumulate_clipped_sum({name: g.float().sum(0) for name, g in per_example_grads.items()})
+    def accumulate(self, per_example_grads) -> None:  # past the mechanism's checks, as a bug inside it would be
+        self._local_sum += self._flat({name: g.float().sum(0) for name, g in per_example_grads.items()})
 
 
 @pytest.mark.slow

@@ -161,6 +161,31 @@ def test_invariants_fail_loudly():
         wrong.accumulate({"w": torch.zeros(2, 40, 25)})
 
 
+def test_an_engines_clipped_sum_is_checked_against_the_mechanisms_own_c():
+    """An engine that clips internally is handed C by the mechanism; what it returns must cover the parameters in
+    their shapes and obey ‖sum of b clipped groups‖ ≤ b·C. A correctly clipped sum is added exactly."""
+    from dpmix_dist.privacy.clipping import clipped_sum
+
+    mech = _mechanism(c=2.0)
+    mech.begin_step(0)
+    grads = _grads(4, scale=3.0)
+    unclipped = {k: g.sum(0) for k, g in grads.items()}
+    with pytest.raises(RuntimeError, match="did not clip"):
+        mech.accumulate_clipped_sum(unclipped, num_groups=4)  # forgot to clip
+    with pytest.raises(RuntimeError, match="did not clip"):
+        mech.accumulate_clipped_sum(clipped_sum(grads, 8.0), num_groups=4)  # clipped to another C
+    with pytest.raises(KeyError, match="exactly the trainable parameters"):
+        mech.accumulate_clipped_sum({"w": unclipped["w"]}, num_groups=4)
+    with pytest.raises(ValueError, match="shape"):
+        mech.accumulate_clipped_sum({"w": unclipped["w"].T, "b": unclipped["b"]}, num_groups=4)
+    assert torch.count_nonzero(mech._local_sum) == 0  # nothing refused was added
+    mech.accumulate_clipped_sum(clipped_sum(grads, 2.0), num_groups=4)
+    reference = _mechanism(c=2.0)
+    reference.begin_step(0)
+    reference.accumulate(grads)
+    assert torch.equal(mech._local_sum, reference._local_sum)
+
+
 def test_derived_streams_are_distinct_and_reproducible():
     assert derive_seed(1, "noise", 0) == derive_seed(1, "noise", 0)
     seeds = {derive_seed(1, "noise", s) for s in range(1000)} | {derive_seed(1, "sample", s) for s in range(1000)}

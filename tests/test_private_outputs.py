@@ -38,7 +38,7 @@ def private_root(tmp_path_factory) -> Path:
 def _tracked_run(cwd: Path, private_root: Path, monkeypatch, capfd, *overrides: str) -> tuple[dict, str]:
     """Train in this process; returns the private losses {step means, interval means} and stdout + stderr."""
     from dpmix_dist import train
-    from dpmix_dist.cli import run_finetune
+    from dpmix_dist.commands.finetune import run_finetune
     from dpmix_dist.privacy.layerwise import LayerwiseClipper
 
     per_step: list[list[float]] = []

@@ -1,6 +1,6 @@
 """Per-example (per-group) gradients and flat clipping (contract items 2-3).
 
-A *group* is everything derived from one private example: its K views (and, later, mixes with its own views
+A *group* is everything derived from one private example: its views (and mixes with its own views
 or with public synthetic images). The group's gradient is the gradient of the mean loss over its members;
 it is clipped once, to L2 norm <= C over all trainable parameters together.
 
@@ -20,7 +20,7 @@ Forward = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
 
 
 def group_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over a group's members; `targets` are class ids (K,) or soft labels (K, classes)."""
+    """Mean cross-entropy over a group's members; `targets` are class ids (G,) or soft labels (G, classes)."""
     return F.cross_entropy(logits.float(), targets)
 
 
@@ -30,10 +30,10 @@ def per_example_grads(
     """Gradient (and value) of each group's mean loss w.r.t. `params`.
 
     Args:
-        forward: `forward(params, x)` -> logits, for a batch `x` of one group's members (K, ...).
+        forward: `forward(params, x)` -> logits, for a batch `x` of one group's members (G, ...).
         params: the trainable parameters (detached tensors), by name.
-        inputs: (B, K, ...) — B groups of K members each.
-        targets: (B, K) class ids or (B, K, num_classes) soft labels.
+        inputs: (B, G, ...) — B groups of G members each.
+        targets: (B, G) class ids or (B, G, num_classes) soft labels.
 
     Returns:
         (name -> (B, *param.shape) per-group gradients, (B,) per-group losses).

@@ -2,10 +2,10 @@
 
 For each trainable layer the forward keeps its input A and the backward gives the gradient B of the loss with
 respect to its output; no parameter gradient is formed by autograd. A group's gradient for a Linear layer is
-Σ_t B_t A_tᵀ over the group's tokens t (its K views' tokens joined), so per layer we either
+Σ_t B_t A_tᵀ over the group's tokens t (its G members' tokens joined), so per layer we either
 
 - form it (*direct*: b × d_out × d_in numbers), or
-- get only its squared norm, Σ_{s,t} (A_s·A_t)(B_s·B_t) (*ghost norm*: b × (K·T)² numbers),
+- get only its squared norm, Σ_{s,t} (A_s·A_t)(B_s·B_t) (*ghost norm*: b × (G·T)² numbers),
 
 whichever costs fewer multiply-adds, then sum the norms over layers (flat clipping), take the clip factors
 c_i = min(1, C/‖g_i‖), and form the clipped sum Σ_i c_i g_i directly from the kept A and B (*book-keeping*: no
@@ -182,7 +182,7 @@ def _pad_static(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 
 
 def _tokens(x: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """(b·K, ..., d) -> (b, K·T, d): the group's views' tokens joined on one axis."""
+    """(b·G, ..., d) -> (b, G·T, d): the group's members' tokens joined on one axis."""
     return x.reshape(num_groups, -1, x.shape[-1])
 
 
@@ -242,7 +242,7 @@ class LayerwiseClipper:
     # ---------------------------------------------------------------------------------------- capture
 
     def _forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        num_groups, num_views = inputs.shape[:2]
+        num_groups, group_size = inputs.shape[:2]
         handles = []
         for layer in self._layers:  # a previous call that raised may have left captures behind
             layer.inputs = layer.edge = layer.out_view = layer.out_meta = layer.grad_out = None
@@ -284,9 +284,9 @@ class LayerwiseClipper:
             if layer.out_view is not None and layer.out_view._version != layer.out_version:
                 raise UnsupportedLayer(f"the output of {name} (a view) was overwritten in place "
                                        f"(models.disable_inplace); {_FIX_RUN}", (name,))
-        # class ids (b, K) or soft labels (b, K, classes): one loss per member, then the group's mean
-        per_view = F.cross_entropy(logits.float(), targets.flatten(0, 1), reduction="none")
-        losses = per_view.view(num_groups, num_views).mean(1)
+        # class ids (b, G) or soft labels (b, G, classes): one loss per member, then the group's mean
+        per_member = F.cross_entropy(logits.float(), targets.flatten(0, 1), reduction="none")
+        losses = per_member.view(num_groups, group_size).mean(1)
         # Gradients with respect to the layers' outputs only (gradient edges: in-place ops after a layer, such as
         # `x += shortcut`, do not change them): autograd forms no parameter gradient and stops at the first layer.
         grads = torch.autograd.grad(losses.sum(), [layer.edge for layer in self._layers], allow_unused=True)
@@ -352,7 +352,7 @@ class LayerwiseClipper:
             xhat, gy = xhat.reshape(num_groups, -1, xhat.shape[-1]), gy.reshape(num_groups, -1, gy.shape[-1])
             return self._elementwise(layer, {"weight": (xhat * gy).sum(1), "bias": gy.sum(1)})
         if kind == "group_norm":
-            xhat = F.group_norm(x, mod.num_groups, eps=mod.eps)  # (n·K, C, H, W) -> channels on axis 1
+            xhat = F.group_norm(x, mod.num_groups, eps=mod.eps)  # (n·G, C, H, W) -> channels on axis 1
             c = xhat.shape[1]
             xhat = xhat.reshape(num_groups, -1, c, xhat[0, 0].numel()).transpose(2, 3).reshape(num_groups, -1, c)
             gy = gy.reshape(num_groups, -1, c, gy[0, 0].numel()).transpose(2, 3).reshape(num_groups, -1, c)
@@ -417,16 +417,16 @@ class LayerwiseClipper:
         else:
             padding = mod.padding  # zeros on both sides: unfold pads
         cols = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=padding, stride=mod.stride)
-        n_views, _, length = cols.shape
-        gy = gy.reshape(n_views, mod.out_channels, -1)  # (n·K, C_out, L)
+        n_members, _, length = cols.shape
+        gy = gy.reshape(n_members, mod.out_channels, -1)  # (n·G, C_out, L)
         if mod.groups == 1:
-            a = cols.transpose(1, 2).reshape(num_groups, -1, cols.shape[1])  # (n, K·L, C_in·k·k)
+            a = cols.transpose(1, 2).reshape(num_groups, -1, cols.shape[1])  # (n, G·L, C_in·k·k)
             b = gy.transpose(1, 2).reshape(num_groups, -1, mod.out_channels)
             return self._linear_like(layer, a, b)
         # Grouped (e.g. depthwise) conv: per-group gradients are small, form them directly.
         g = mod.groups
-        a = cols.float().reshape(n_views, g, -1, length)  # (nK, g, C_in/g·k·k, L)
-        b = gy.float().reshape(n_views, g, -1, length)  # (nK, g, C_out/g, L)
+        a = cols.float().reshape(n_members, g, -1, length)  # (nG, g, C_in/g·k·k, L)
+        b = gy.float().reshape(n_members, g, -1, length)  # (nG, g, C_out/g, L)
         w = torch.einsum("vgol,vgil->vgoi", b, a).reshape(num_groups, -1, *mod.weight.shape).sum(1)
         grads = {"weight": w}
         if "bias" in layer.names:
@@ -465,8 +465,8 @@ class LayerwiseClipper:
         """Σ_i clip_C(∇ mean loss of group i), in fp32, and the (b,) group losses.
 
         Args:
-            inputs: (b, K, ...) — b groups of K members.
-            targets: (b, K) class ids or (b, K, classes) soft labels.
+            inputs: (b, G, ...) — b groups of G members.
+            targets: (b, G) class ids or (b, G, classes) soft labels.
             max_grad_norm: C.
             autocast_dtype: run the forward and backward under autocast (e.g. torch.bfloat16); norms, clip
                 factors and the clipped sum are still computed in fp32.

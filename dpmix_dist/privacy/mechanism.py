@@ -85,17 +85,33 @@ class PrivateGradient:
 
     def accumulate(self, per_example_grads: Mapping[str, torch.Tensor]) -> None:
         """Clip each example's gradient (flat, to C) and add the micro-batch's sum to the local sum."""
-        if self._step is None:
-            raise RuntimeError("accumulate() outside a step: call begin_step(step) first")
-        if list(per_example_grads) != list(self.shapes):
-            raise KeyError("per-example gradients must cover exactly the trainable parameters, in order")
-        self.accumulate_clipped_sum(clipped_sum(per_example_grads, self.max_grad_norm))
+        self._check_keys(per_example_grads, "per-example gradients")
+        self._local_sum += self._flat(clipped_sum(per_example_grads, self.max_grad_norm))
 
-    def accumulate_clipped_sum(self, summed: Mapping[str, torch.Tensor]) -> None:
-        """Add an already clipped micro-batch sum (from an engine that clips internally)."""
+    def accumulate_clipped_sum(self, summed: Mapping[str, torch.Tensor], num_groups: int) -> None:
+        """Add the sum of `num_groups` gradients that an engine clipped itself, to this mechanism's C (the engine
+        must be handed `max_grad_norm`). Checked: the keys and shapes, and the bound every such sum obeys,
+        ‖sum‖ ≤ num_groups·C (an engine that forgot to clip, or clipped to another C, fails here)."""
+        self._check_keys(summed, "the clipped sum")
+        wrong = [name for name, shape in self.shapes.items() if summed[name].shape != torch.Size(shape)]
+        if wrong:
+            raise ValueError(f"the clipped sum of {wrong[0]} has shape {tuple(summed[wrong[0]].shape)}, the parameter "
+                             f"{tuple(self.shapes[wrong[0]])}")  # fmt: skip
+        flat = self._flat(summed)
+        norm = float(torch.linalg.vector_norm(flat))
+        if not norm <= num_groups * self.max_grad_norm * (1 + 1e-3):  # fp32 sums of b terms: relative slack
+            raise RuntimeError(f"a clipped sum of {num_groups} groups has norm {norm:.4g} > {num_groups} x C = "
+                               f"{num_groups * self.max_grad_norm:.4g}: the engine did not clip to this mechanism's C")  # fmt: skip
+        self._local_sum += flat
+
+    def _check_keys(self, grads: Mapping[str, torch.Tensor], what: str) -> None:
         if self._step is None:
             raise RuntimeError("accumulate() outside a step: call begin_step(step) first")
-        self._local_sum += torch.cat([summed[name].reshape(-1).float() for name in self.shapes])
+        if list(grads) != list(self.shapes):
+            raise KeyError(f"{what} must cover exactly the trainable parameters, in order")
+
+    def _flat(self, summed: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([summed[name].reshape(-1).float() for name in self.shapes])
 
     def finish_step(self) -> torch.Tensor:
         """All-reduce the clipped sums, add noise once, divide by q·N. Returns the flat fp32 gradient."""

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
-from tqdm import tqdm
 
 from dpmix_dist.data.shards import FORMAT_VERSION, METADATA, _all_shards, _png, _sha256, read_metadata
 from dpmix_dist.errors import ConfigError, DataError, ModelError
@@ -195,98 +194,106 @@ def generate(cfg: GenerateConfig, dist, *, progress: bool = True, log: Callable[
     shards = plan_shards(len(classes), per_class, cfg.output.images_per_shard)
 
     # --- settings pinned before any work; a restart must match them
-    error = None
-    if dist.is_main:
-        settings_path = out / SETTINGS
-        if settings_path.is_file():
-            old = json.loads(settings_path.read_text())
-            if old != settings:
-                changed = sorted(f"{s}.{k}" for s in settings for k in set(settings[s]) | set(old.get(s, {}))
-                                 if not isinstance(settings[s], list) and old.get(s, {}).get(k) != settings[s].get(k))
-                changed += ["classes"] if old.get("classes") != settings["classes"] else []
-                error = (f"output.dir {out} holds images generated with other settings ({', '.join(changed)}); "
-                         "use a new output.dir, or delete the folder to start over")  # fmt: skip
-        elif out.exists() and any(p.name != SETTINGS for p in out.iterdir()):
-            error = f"output.dir {out} is not empty and was not written by launch/generate.py; choose a new folder"
-        if error is None:
-            out.mkdir(parents=True, exist_ok=True)
-            for stale in out.glob(".partial-*"):  # shards a killed run was writing: never finished, never used
-                stale.unlink()
-            tmp = out / f".{SETTINGS}.tmp"
-            tmp.write_text(json.dumps(settings, indent=2))
-            os.replace(tmp, settings_path)
-    error = dist.broadcast_object(error)
+    error = dist.broadcast_object(dist.on_main(_pin_settings, out, settings))
     if error:
         raise DataError(error)
-    if dist.is_main and (out / METADATA).is_file():
-        log(f"{out}: already complete ({sum(len(s) for s in shards)} images); nothing to do")
+    if (out / METADATA).is_file():
+        dist.on_main(log, f"{out}: already complete ({sum(len(s) for s in shards)} images); nothing to do")
 
     # --- the renderer only once the settings are known good (loading a pipeline takes a while)
     mine = [s for s in range(len(shards)) if s % dist.world_size == dist.rank]
     todo = [s for s in mine if not (out / SHARD.format(s)).is_file()]
-    if dist.is_main and len(todo) < len(mine):
-        log(f"resuming: skipping {len(mine) - len(todo)} finished shard(s) of this process")
+    if len(todo) < len(mine):
+        dist.on_main(log, f"resuming: skipping {len(mine) - len(todo)} finished shard(s) of this process")
     if todo:
         if cfg.generator.num_threads:
             torch.set_num_threads(cfg.generator.num_threads)
         render = make_renderer(cfg, classes, dist.device)
         total = sum(len(shards[s]) for s in todo)
-        bar = tqdm(total=total, unit="img", desc=f"generate (rank {dist.rank})", disable=not (progress and dist.is_main),
-                   dynamic_ncols=True, smoothing=0.1)  # fmt: skip
+        bar = dist.progress(progress, total=total, unit="img", desc=f"generate (rank {dist.rank})", dynamic_ncols=True,
+                            smoothing=0.1)  # fmt: skip
         started = time.time()
         for s in todo:
             _write_shard(out / SHARD.format(s), shards[s], per_class, render, cfg, classes, bar.update)
         bar.close()
-        if dist.is_main:
-            rate = total / max(time.time() - started, 1e-9)
-            log(f"rank 0 rendered {total} images in {time.time() - started:.1f} s ({rate:.2f} img/s per process)")
+        rate = total / max(time.time() - started, 1e-9)
+        dist.on_main(log, f"rank 0 rendered {total} images in {time.time() - started:.1f} s ({rate:.2f} img/s per process)")
     dist.barrier()
 
     # --- the main process checks the union and writes metadata.json last
-    meta = None
-    if dist.is_main:
-        names = [SHARD.format(s) for s in range(len(shards))]
-        missing = [n for n in names if not (out / n).is_file()]
-        if missing:
-            raise DataError(f"{out}: shards {missing[:3]} missing after every process finished; re-run to render them")
-        reader = wds.WebDataset(str(out / names[0]), shardshuffle=False, empty_check=False, nodesplitter=_all_shards)
-        first = np.asarray(Image.open(io.BytesIO(next(iter(reader))["png"])))
-        shape = list(first.shape) if first.ndim == 3 else [*first.shape, 1]
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "name": f"synthetic:{Path(cfg.generator.model).name}",
-            "source": cfg.generator.model,
-            "classes": list(classes),
-            "num_classes": len(classes),
-            "splits": {
-                "train": {
-                    "num_examples": len(classes) * per_class,
-                    "image_shape": shape,
-                    "class_counts": [per_class] * len(classes),
-                    "shards": {n: _sha256(out / n) for n in names},
-                }
-            },
-            "synthetic": {
-                "generator": cfg.generator.model,
-                "kind": cfg.generator.kind,
-                "prompt_templates": list(cfg.generator.prompt_templates) if cfg.generator.kind == "text2image" else None,
-                "num_inference_steps": cfg.generator.num_inference_steps,
-                "guidance_scale": cfg.generator.guidance_scale,
-                "resolution": cfg.generator.resolution,
-                "output_size": cfg.generator.output_size,
-                "precision": cfg.generator.precision,
-                "base_seed": cfg.output.seed,
-                "seed_rule": "image j of class c: int.from_bytes(sha256(f'dpmix-synthetic/{base_seed}/{c}/{j}')[:8]) & (2**63-1)",
-                "per_class_counts": {name: per_class for name in classes},
-                "generator_info": _generator_info(cfg),
-                "external_pretrained": cfg.generator.external_pretrained,  # a declaration: see GeneratorConfig
-                "public": "images of a generator that never saw the private data",
-            },
-        }  # fmt: skip
-        tmp = out / f".{METADATA}.tmp"
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, out / METADATA)
+    meta = dist.on_main(_write_metadata, out, cfg, classes, len(shards))
     dist.barrier()
+    return meta
+
+
+def _pin_settings(out: Path, settings: dict) -> str | None:
+    """Record the settings in `out` (or check them against a restarted run's). An error message, or None."""
+    error = None
+    settings_path = out / SETTINGS
+    if settings_path.is_file():
+        old = json.loads(settings_path.read_text())
+        if old != settings:
+            changed = sorted(f"{s}.{k}" for s in settings for k in set(settings[s]) | set(old.get(s, {}))
+                             if not isinstance(settings[s], list) and old.get(s, {}).get(k) != settings[s].get(k))
+            changed += ["classes"] if old.get("classes") != settings["classes"] else []
+            error = (f"output.dir {out} holds images generated with other settings ({', '.join(changed)}); "
+                     "use a new output.dir, or delete the folder to start over")  # fmt: skip
+    elif out.exists() and any(p.name != SETTINGS for p in out.iterdir()):
+        error = f"output.dir {out} is not empty and was not written by launch/generate.py; choose a new folder"
+    if error is None:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".partial-*"):  # shards a killed run was writing: never finished, never used
+            stale.unlink()
+        tmp = out / f".{SETTINGS}.tmp"
+        tmp.write_text(json.dumps(settings, indent=2))
+        os.replace(tmp, settings_path)
+    return error
+
+
+def _write_metadata(out: Path, cfg: GenerateConfig, classes: list[str], num_shards: int) -> dict:
+    """The main process, once every shard is written: check the union, then write metadata.json last."""
+    per_class = cfg.output.images_per_class
+    names = [SHARD.format(s) for s in range(num_shards)]
+    missing = [n for n in names if not (out / n).is_file()]
+    if missing:
+        raise DataError(f"{out}: shards {missing[:3]} missing after every process finished; re-run to render them")
+    reader = wds.WebDataset(str(out / names[0]), shardshuffle=False, empty_check=False, nodesplitter=_all_shards)
+    first = np.asarray(Image.open(io.BytesIO(next(iter(reader))["png"])))
+    shape = list(first.shape) if first.ndim == 3 else [*first.shape, 1]
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "name": f"synthetic:{Path(cfg.generator.model).name}",
+        "source": cfg.generator.model,
+        "classes": list(classes),
+        "num_classes": len(classes),
+        "splits": {
+            "train": {
+                "num_examples": len(classes) * per_class,
+                "image_shape": shape,
+                "class_counts": [per_class] * len(classes),
+                "shards": {n: _sha256(out / n) for n in names},
+            }
+        },
+        "synthetic": {
+            "generator": cfg.generator.model,
+            "kind": cfg.generator.kind,
+            "prompt_templates": list(cfg.generator.prompt_templates) if cfg.generator.kind == "text2image" else None,
+            "num_inference_steps": cfg.generator.num_inference_steps,
+            "guidance_scale": cfg.generator.guidance_scale,
+            "resolution": cfg.generator.resolution,
+            "output_size": cfg.generator.output_size,
+            "precision": cfg.generator.precision,
+            "base_seed": cfg.output.seed,
+            "seed_rule": "image j of class c: int.from_bytes(sha256(f'dpmix-synthetic/{base_seed}/{c}/{j}')[:8]) & (2**63-1)",
+            "per_class_counts": {name: per_class for name in classes},
+            "generator_info": _generator_info(cfg),
+            "external_pretrained": cfg.generator.external_pretrained,  # a declaration: see GeneratorConfig
+            "public": "images of a generator that never saw the private data",
+        },
+    }  # fmt: skip
+    tmp = out / f".{METADATA}.tmp"
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, out / METADATA)
     return meta
 
 
