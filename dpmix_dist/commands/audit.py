@@ -28,17 +28,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
+from dpmix_dist.commands import parser_for, timestamped_output_dir
 from dpmix_dist.errors import run_command
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)  # fmt: skip
-    parser.add_argument("--config", required=True, help="configs/NAME(.yaml) or a path to a YAML file")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, as for finetune.py")
+    parser = parser_for(__doc__, overrides="privacy.target_delta=1e-5 (as for finetune.py)")
     parser.add_argument("--output-dir", type=Path, default=None,
                         help="where outputs go (default: runs/audit-CONFIG-YYYYmmdd-HHMMSS); must be new or empty")  # fmt: skip
     parser.add_argument("--gradient-canaries", type=int, default=1000, metavar="M",
@@ -62,8 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also write audit_scores.npz (canary scores and bits; canaries are not private data)")  # fmt: skip
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
     args = parser.parse_args(argv)
-    if args.output_dir is None:
-        args.output_dir = Path("runs") / f"audit-{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    timestamped_output_dir(args, "audit-")
     return args
 
 

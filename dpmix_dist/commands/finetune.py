@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from dpmix_dist.commands import parser_for, timestamped_output_dir
 from dpmix_dist.config import dump_config, load_config
 from dpmix_dist.errors import run_command
 
@@ -29,14 +30,7 @@ SEED_WARNING = (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
-    )
-    parser.add_argument("--config", required=True, help="configs/NAME(.yaml) or a path to a YAML file")
-    parser.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE",
-        help="dotted overrides, e.g. privacy.target_epsilon=2 optim.lr=0.5 performance.micro_batch_size=64",
-    )  # fmt: skip
+    parser = parser_for(__doc__, overrides="privacy.target_epsilon=2 optim.lr=0.5 performance.micro_batch_size=64")
     parser.add_argument(
         "--output-dir", type=Path, default=None,
         help="where outputs go (default: runs/CONFIG-YYYYmmdd-HHMMSS); must be new or empty unless --resume",
@@ -49,8 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
     args = parser.parse_args(argv)
-    if args.output_dir is None:
-        args.output_dir = Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    timestamped_output_dir(args)
     return args
 
 

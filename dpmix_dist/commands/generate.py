@@ -17,14 +17,12 @@ import json
 import time
 from pathlib import Path
 
+from dpmix_dist.commands import parser_for
 from dpmix_dist.errors import ConfigError, run_command
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="configs/generate/NAME(.yaml) or a path to a YAML file")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="dotted overrides, e.g. output.images_per_class=50 generator.batch_size=8")
+    parser = parser_for(__doc__, "configs/generate", "output.images_per_class=50 generator.batch_size=8")
     parser.add_argument("--check", action="store_true",
                         help="instead of generating: train a classifier on real public images (check.real_data, "
                         "default classes.from_data) and report how well it labels each class of the synthetic set")

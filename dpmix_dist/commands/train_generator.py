@@ -17,13 +17,12 @@ import json
 import sys
 import time
 
+from dpmix_dist.commands import parser_for
 from dpmix_dist.errors import run_command
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="configs/diffusion/NAME(.yaml) or a path to a YAML file")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=200")
+    parser = parser_for(__doc__, "configs/diffusion", "train.steps=200")
     parser.add_argument("--resume", action="store_true", help="continue the unfinished training in output_dir")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
