@@ -18,6 +18,7 @@ import yaml
 
 from dpmix_dist.errors import ConfigError
 from dpmix_dist.typed_yaml import CONFIG_DIR, build_dataclass, load_yaml_config, resolve_config_path
+from dpmix_dist.typed_yaml import check_bounds
 from dpmix_dist.typed_yaml import fail_key as _fail
 
 __all__ = ["CONFIG_DIR", "ConfigError", "load_yaml_config", "resolve_config_path"]  # re-exported for callers
@@ -46,10 +47,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not self.name:
             _fail("model.name", "must name a timm model, e.g. tf_efficientnet_lite0")
-        if self.groupnorm_groups < 1:
-            _fail("model.groupnorm_groups", f"must be >= 1, got {self.groupnorm_groups}")
-        if self.num_trainable_blocks < 1:
-            _fail("model.num_trainable_blocks", f"must be >= 1, got {self.num_trainable_blocks}")
+        check_bounds("model", self, groupnorm_groups=">= 1", num_trainable_blocks=">= 1")
 
 
 @dataclass(frozen=True)
@@ -100,16 +98,10 @@ class PrivacyConfig:
     steps and divisor, but no clipping and no noise; ε is infinite and the model cannot be registered."""
 
     def __post_init__(self) -> None:
-        if not self.target_epsilon > 0:
-            _fail("privacy.target_epsilon", f"must be > 0, got {self.target_epsilon}")
+        check_bounds("privacy", self, target_epsilon="> 0")
         if not 0 < self.target_delta < 1:
             _fail("privacy.target_delta", f"must be in (0, 1), got {self.target_delta}")
-        if not self.max_grad_norm > 0:
-            _fail("privacy.max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
-        if self.expected_batch_size < 1:
-            _fail("privacy.expected_batch_size", f"must be >= 1, got {self.expected_batch_size}")
-        if not self.epochs > 0:
-            _fail("privacy.epochs", f"must be > 0, got {self.epochs}")
+        check_bounds("privacy", self, max_grad_norm="> 0", expected_batch_size=">= 1", epochs="> 0")
         if self.noise_multiplier is not None and not self.noise_multiplier > 0:
             _fail("privacy.noise_multiplier", f"must be > 0 or null, got {self.noise_multiplier}")
 
@@ -153,14 +145,11 @@ class AugmentConfig:
 
     def __post_init__(self) -> None:
         k, m, s = self.num_views, self.num_mixes, self.num_synthetic
-        for key, value, low in (("num_views", k, 1), ("num_mixes", m, 0), ("num_synthetic", s, 0)):
-            if value < low:
-                _fail(f"augment.{key}", f"must be >= {low}, got {value}")
+        check_bounds("augment", self, num_views=">= 1", num_mixes=">= 0", num_synthetic=">= 0")
         if not 0 <= self.crop_padding_fraction < 0.5:
             _fail("augment.crop_padding_fraction", f"must be in [0, 0.5) (a fraction of data.image_size), got "
                   f"{self.crop_padding_fraction}")  # fmt: skip
-        if not self.mix_alpha > 0:
-            _fail("augment.mix_alpha", f"must be > 0, got {self.mix_alpha}")
+        check_bounds("augment", self, mix_alpha="> 0")
         unknown = [t for t in self.transforms if t not in TRANSFORMS]
         if unknown or len(set(self.transforms)) != len(self.transforms):
             _fail("augment.transforms", f"got {list(self.transforms)}; choose distinct names from {list(TRANSFORMS)}")
@@ -194,12 +183,10 @@ class OptimConfig:
     """Learning-rate schedule over the planned steps."""
 
     def __post_init__(self) -> None:
-        if not self.lr > 0:
-            _fail("optim.lr", f"must be > 0, got {self.lr}")
+        check_bounds("optim", self, lr="> 0")
         if not 0 <= self.momentum < 1:
             _fail("optim.momentum", f"must be in [0, 1), got {self.momentum}")
-        if self.weight_decay < 0:
-            _fail("optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        check_bounds("optim", self, weight_decay=">= 0")
 
 
 @dataclass(frozen=True)
@@ -235,14 +222,8 @@ class PerformanceConfig:
     faster on these CPUs; results change only by float rounding)."""
 
     def __post_init__(self) -> None:
-        if self.micro_batch_size < 1:
-            _fail("performance.micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
-        if self.eval_batch_size < 1:
-            _fail("performance.eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
-        if not self.feature_cache_max_gb > 0:
-            _fail("performance.feature_cache_max_gb", f"must be > 0, got {self.feature_cache_max_gb}")
-        if self.num_threads < 0:
-            _fail("performance.num_threads", f"must be >= 0, got {self.num_threads}")
+        check_bounds("performance", self, micro_batch_size=">= 1", eval_batch_size=">= 1", feature_cache_max_gb="> 0",
+                     num_threads=">= 0")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -256,10 +237,7 @@ class RunConfig:
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
-        if not self.eval_every_epochs > 0:
-            _fail("run.eval_every_epochs", f"must be > 0, got {self.eval_every_epochs}")
-        if not self.checkpoint_every_epochs > 0:
-            _fail("run.checkpoint_every_epochs", f"must be > 0, got {self.checkpoint_every_epochs}")
+        check_bounds("run", self, eval_every_epochs="> 0", checkpoint_every_epochs="> 0")
 
 
 @dataclass(frozen=True)
@@ -290,11 +268,7 @@ class TrackingConfig:
     """At the end, how long to keep retrying a server that is away before reporting what could not be sent."""
 
     def __post_init__(self) -> None:
-        for key in ("request_timeout_s", "retry_every_s"):
-            if not getattr(self, key) > 0:
-                _fail(f"tracking.{key}", f"must be > 0, got {getattr(self, key)}")
-        if self.flush_timeout_s < 0:
-            _fail("tracking.flush_timeout_s", f"must be >= 0, got {self.flush_timeout_s}")
+        check_bounds("tracking", self, request_timeout_s="> 0", retry_every_s="> 0", flush_timeout_s=">= 0")
         if not self.experiment:
             _fail("tracking.experiment", "must name an MLflow experiment")
 

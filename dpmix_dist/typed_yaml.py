@@ -24,6 +24,16 @@ def fail_key(key: str, message: str) -> None:
     raise ConfigError(f"{key}: {message}")
 
 
+def check_bounds(section: str, obj: Any, **bounds: str) -> None:
+    """Fail naming `section.NAME` for the first `NAME="> 0"` / `NAME=">= 1"` bound that `obj.NAME` misses (NaN
+    misses every bound)."""
+    for name, bound in bounds.items():
+        op, limit = bound.split()
+        value = getattr(obj, name)
+        if not (value > float(limit) if op == ">" else value >= float(limit)):
+            fail_key(f"{section}.{name}", f"must be {bound}, got {value}")
+
+
 def resolve_config_path(name: str, config_dir: Path = CONFIG_DIR) -> Path:
     """`NAME`, `NAME.yaml` (in `config_dir`) or a path to a YAML file."""
     candidates = [Path(name), config_dir / name, config_dir / f"{name}.yaml"]
