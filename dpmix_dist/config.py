@@ -175,10 +175,13 @@ class OptimConfig:
     """The optimizer that consumes the privatized gradient (post-processing: no effect on ε)."""
 
     name: Literal["sgd", "adam", "adamw"] = "sgd"
+    """torch.optim.SGD, Adam or AdamW (adam/adamw with torch's betas (0.9, 0.999))."""
     lr: float = 0.5
+    """Peak learning rate (the schedule starts from it)."""
     momentum: float = 0.9
     """SGD momentum (ignored by adam/adamw, which use betas (0.9, 0.999))."""
     weight_decay: float = 0.0
+    """torch's weight_decay: L2 added to the gradient for sgd and adam, decoupled decay for adamw."""
     schedule: Literal["constant", "cosine"] = "cosine"
     """Learning-rate schedule over the planned steps."""
 
@@ -202,6 +205,7 @@ class PerformanceConfig:
     generic vmap of per-group gradients, exact as far as torch's vmap rules are (benchmarks/README.md: the zoo
     coverage table, and XCiT, where it is not); `auto`: layerwise where it accepts the model, else functorch."""
     eval_batch_size: int = 500
+    """Images per forward pass when evaluating and when computing cached frozen features."""
     cache_frozen_features: bool = True
     """Run the frozen part of the backbone once per image and keep its output, when no augmentation
     makes the frozen input change between steps. Identical gradients, far less compute."""
@@ -235,6 +239,7 @@ class RunConfig:
     checkpoint_every_epochs: float = 1.0
     """Write a resumable checkpoint (a private artifact: it holds the secret seed) this often."""
     progress_bar: bool = True
+    """Show tqdm progress bars (feature caching, DP steps) on the main process."""
 
     def __post_init__(self) -> None:
         check_bounds("run", self, eval_every_epochs="> 0", checkpoint_every_epochs="> 0")
@@ -245,10 +250,12 @@ class TrackingConfig:
     """MLflow. Only the main process talks to it; nothing private (seeds, indices, norms, images) is logged."""
 
     enabled: bool = True
+    """false: no MLflow at all (summary.json and config.yaml are still written)."""
     uri: str = ""
     """Tracking URI. Empty: MLFLOW_TRACKING_URI if set, else sqlite:///mlflow.db in the working folder (artifacts
     in mlartifacts/ beside it). A server: http://HOST:PORT."""
     experiment: str = "dpmix-dist"
+    """MLflow experiment of the run (created when missing)."""
     run_name: str = ""
     """Default: CONFIG-METHOD-eps{ε}."""
     register_as: str = ""
@@ -264,6 +271,7 @@ class TrackingConfig:
     request_timeout_s: float = 5.0
     """Per request; a server that does not answer in time counts as away and the records wait in a queue."""
     retry_every_s: float = 2.0
+    """How often to retry sending queued records while the server is away."""
     flush_timeout_s: float = 30.0
     """At the end, how long to keep retrying a server that is away before reporting what could not be sent."""
 
@@ -275,14 +283,24 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class Config:
+    """A run: one section per YAML mapping; the checks across sections are in `__post_init__`."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
+    """Backbone, weights, what trains."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Shards, input size, evaluation split."""
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    """The guarantee."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """The method and what each example's group holds."""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """What consumes the privatized gradient."""
     performance: PerformanceConfig = field(default_factory=PerformanceConfig)
+    """Speed and memory; never the guarantee."""
     run: RunConfig = field(default_factory=RunConfig)
+    """Evaluation, checkpoints, progress bars."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """MLflow."""
 
     def __post_init__(self) -> None:
         if not self.privacy.enabled and self.tracking.register_as:
