@@ -6,6 +6,10 @@ set (δ < 1/N, batch ≤ N) live in `check_against_dataset`, called before any t
 
 The `privacy` section defines the guarantee. The `performance` section holds settings that must never
 change the mechanism or the result beyond float rounding (micro-batch size, threads, feature caching).
+
+A setting that does nothing under the other choices of its section (`only_when` on the field: momentum but with sgd,
+mix_alpha but with mixes) is an error when written, even at its default value; a run's config.yaml leaves it out.
+`privacy.enabled=false` and `tracking.enabled=false` keep their section's other settings: one override flips a config.
 """
 
 from __future__ import annotations
@@ -14,12 +18,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import yaml
-
 from dpmix_dist.errors import ConfigError
-from dpmix_dist.typed_yaml import CONFIG_DIR, build_dataclass, load_yaml_config, resolve_config_path
-from dpmix_dist.typed_yaml import check_bounds
+from dpmix_dist.typed_yaml import CONFIG_DIR, build_config, check_bounds, dump_yaml, load_yaml_config, only_when
 from dpmix_dist.typed_yaml import fail_key as _fail
+from dpmix_dist.typed_yaml import refuse_unused, resolve_config_path
 
 __all__ = ["CONFIG_DIR", "ConfigError", "load_yaml_config", "resolve_config_path"]  # re-exported for callers
 
@@ -36,12 +38,12 @@ class ModelConfig:
     norm: Literal["freeze", "groupnorm"] = "freeze"
     """BatchNorm handling for DP: `freeze` keeps ImageNet statistics and trains no BN affine;
     `groupnorm` replaces every BatchNorm by a GroupNorm (trainable)."""
-    groupnorm_groups: int = 32
+    groupnorm_groups: int = field(default=32, metadata=only_when(norm="groupnorm"))
     """Groups per GroupNorm when `norm: groupnorm` (reduced to a divisor of the channel count)."""
     trainable: Literal["all", "head", "last_blocks"] = "last_blocks"
     """What trains: every parameter, the classifier only, or the last `num_trainable_blocks` blocks plus
     everything after them (final norm/conv, classifier)."""
-    num_trainable_blocks: int = 1
+    num_trainable_blocks: int = field(default=1, metadata=only_when(trainable="last_blocks"))
     """Blocks trained when `trainable: last_blocks`."""
 
     def __post_init__(self) -> None:
@@ -95,7 +97,9 @@ class PrivacyConfig:
     mode). Same distribution and guarantee; costs time per step (benchmarks/README.md) and changes the model."""
     enabled: bool = True
     """false: NON-PRIVATE fine-tuning, the ceiling that private runs are compared with. Same Poisson batches,
-    steps and divisor, but no clipping and no noise; ε is infinite and the model cannot be registered."""
+    steps and divisor, but no clipping and no noise; ε is infinite and the model cannot be registered. The other
+    settings here are then kept but unused (but expected_batch_size, epochs, secure_noise's sampling): one override
+    turns a private config into its ceiling."""
 
     def __post_init__(self) -> None:
         check_bounds("privacy", self, target_epsilon="> 0")
@@ -107,6 +111,8 @@ class PrivacyConfig:
 
 
 TRANSFORMS = ("crop", "flip")
+VIEWS = ("self_aug", "dpmix_self", "dpmix_diff")  # the methods that make (augmented) views
+MIXING = ("dpmix_self", "dpmix_diff")
 
 
 @dataclass(frozen=True)
@@ -124,13 +130,13 @@ class AugmentConfig:
     """M, mixup samples per example (dpmix_self / dpmix_diff; 0 otherwise)."""
     num_synthetic: int = 0
     """S, synthetic images drawn into each example's pool (dpmix_diff only)."""
-    mix_alpha: float = 0.2
+    mix_alpha: float = field(default=0.2, metadata=only_when(method=MIXING))
     """α of λ ~ Beta(α, α), one λ per mix (images and labels mixed by the same λ)."""
-    include_unmixed: bool = True
+    include_unmixed: bool = field(default=True, metadata=only_when(method=MIXING))
     """Whether the group's loss also counts the unmixed pool (views and synthetic images), or the mixes only."""
-    transforms: tuple[str, ...] = TRANSFORMS
+    transforms: tuple[str, ...] = field(default=TRANSFORMS, metadata=only_when(method=VIEWS))
     """Self-augmentation of each view, from: crop (random crop with reflect padding), flip (horizontal)."""
-    crop_padding_fraction: float = 0.02
+    crop_padding_fraction: float = field(default=0.02, metadata=only_when(method=VIEWS, transforms="crop"))
     """Reflect padding before the random crop back to data.image_size, as a fraction of the image side:
     max(1, round(fraction · data.image_size)) pixels (0: no shift). The default is the paper's 4 px at 224 px; the
     same pixel count on a small input is a far stronger shift (4 px = 12.5% of a 32-px image)."""
@@ -139,9 +145,7 @@ class AugmentConfig:
 
     def padding_pixels(self, image_size: int) -> int:
         """The crop's reflect padding in pixels at this input size."""
-        if self.crop_padding_fraction == 0:
-            return 0
-        return max(1, round(self.crop_padding_fraction * image_size))
+        return max(1, round(self.crop_padding_fraction * image_size)) if self.crop_padding_fraction else 0
 
     def __post_init__(self) -> None:
         k, m, s = self.num_views, self.num_mixes, self.num_synthetic
@@ -178,8 +182,8 @@ class OptimConfig:
     """torch.optim.SGD, Adam or AdamW (adam/adamw with torch's betas (0.9, 0.999))."""
     lr: float = 0.5
     """Peak learning rate (the schedule starts from it)."""
-    momentum: float = 0.9
-    """SGD momentum (ignored by adam/adamw, which use betas (0.9, 0.999))."""
+    momentum: float = field(default=0.9, metadata=only_when(name="sgd"))
+    """SGD momentum (adam/adamw have none: they use betas (0.9, 0.999))."""
     weight_decay: float = 0.0
     """torch's weight_decay: L2 added to the gradient for sgd and adam, decoupled decay for adamw."""
     schedule: Literal["constant", "cosine"] = "cosine"
@@ -212,12 +216,12 @@ class PerformanceConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     """`bf16`: forward/backward under bf16 autocast (GPUs); per-example norms, clipping, sums and noise stay fp32.
     Unlike the other settings here, bf16 changes results beyond fp32 rounding (never the guarantee)."""
-    feature_cache_on_disk: bool = True
+    feature_cache_on_disk: bool = field(default=True, metadata=only_when(cache_frozen_features=True))
     """Keep cached frozen features in data.cache_dir/features/, keyed by a digest of the model's weights, the
     shards, the examples held and the prefix settings, so the next run on the same data and model (a sweep's) loads
     them instead of recomputing: bit-identical. They derive from private data: the folder is as private as the
     decoded shards beside it."""
-    feature_cache_max_gb: float = 16.0
+    feature_cache_max_gb: float = field(default=16.0, metadata=only_when(cache_frozen_features=True))
     """Refuse to cache frozen features larger than this per process (set cache_frozen_features=false)."""
     num_threads: int = 0
     """torch intra-op threads per process; 0 = leave torch's default (all cores / OMP_NUM_THREADS)."""
@@ -250,7 +254,8 @@ class TrackingConfig:
     """MLflow. Only the main process talks to it; nothing private (seeds, indices, norms, images) is logged."""
 
     enabled: bool = True
-    """false: no MLflow at all (summary.json and config.yaml are still written)."""
+    """false: no MLflow at all (summary.json and config.yaml are still written); the other settings here, but
+    log_train_loss, are then kept but unused, so one override turns tracking off."""
     uri: str = ""
     """Tracking URI. Empty: MLFLOW_TRACKING_URI if set, else sqlite:///mlflow.db in the working folder (artifacts
     in mlartifacts/ beside it). A server: http://HOST:PORT."""
@@ -303,17 +308,20 @@ class Config:
     """MLflow."""
 
     def __post_init__(self) -> None:
+        """Checks across sections. Settings that do nothing (`only_when`) are refused here when they differ from their
+        defaults (a Config built in code); the loader refuses them when written at all."""
         if not self.privacy.enabled and self.tracking.register_as:
             _fail("tracking.register_as", "a non-private run (privacy.enabled=false) has no guarantee to register; "
                   "leave tracking.register_as empty")  # fmt: skip
+        refuse_unused(self, given=None)
 
 
 # ---------------------------------------------------------------------------------------------- loading
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
-    """Validate a nested dict (as read from YAML) into a Config."""
-    return build_dataclass(Config, raw, "")
+    """Validate a nested dict (as read from YAML) into a Config; every key in it counts as written."""
+    return build_config(Config, raw)
 
 
 def load_config(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -326,20 +334,17 @@ def config_to_dict(config: Config) -> dict[str, Any]:
 
 
 def dump_config(config: Config) -> str:
-    return yaml.safe_dump(config_to_dict(config), sort_keys=False)
+    """The resolved config as YAML (config.yaml of a run), without the settings that do nothing in it: they hold
+    their defaults, and written they would be refused, so the file loads back to the same Config."""
+    return dump_yaml(config)
 
 
 def check_against_dataset(config: Config, num_train: int) -> None:
     """Checks that need N, the number of private training examples (from the shards' metadata)."""
     p = config.privacy
     if p.expected_batch_size > num_train:
-        _fail(
-            "privacy.expected_batch_size",
-            f"{p.expected_batch_size} is larger than the data set ({num_train} examples); lower it",
-        )
+        _fail("privacy.expected_batch_size", f"{p.expected_batch_size} is larger than the data set ({num_train} "
+              "examples); lower it")  # fmt: skip
     if p.target_delta >= 1.0 / num_train:
-        _fail(
-            "privacy.target_delta",
-            f"{p.target_delta:g} must be < 1/N = {1.0 / num_train:.3g} (N = {num_train}); a δ that large "
-            "allows releasing an example outright. Use e.g. 1e-5 or 1/(10·N)",
-        )
+        _fail("privacy.target_delta", f"{p.target_delta:g} must be < 1/N = {1.0 / num_train:.3g} (N = {num_train}); a "
+              "δ that large allows releasing an example outright. Use e.g. 1e-5 or 1/(10·N)")  # fmt: skip
