@@ -18,12 +18,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from dpmix_dist import typed_yaml
 from dpmix_dist.errors import ConfigError
-from dpmix_dist.typed_yaml import CONFIG_DIR, build_config, check_bounds, dump_yaml, load_yaml_config, only_when
+from dpmix_dist.typed_yaml import CONFIG_DIR, check_bounds, load_yaml_config, only_when, resolve_config_path
+from dpmix_dist.typed_yaml import dump_yaml as dump_config  # a run's config.yaml, without the settings that do nothing
 from dpmix_dist.typed_yaml import fail_key as _fail
-from dpmix_dist.typed_yaml import refuse_unused, resolve_config_path
 
-__all__ = ["CONFIG_DIR", "ConfigError", "load_yaml_config", "resolve_config_path"]  # re-exported for callers
+__all__ = ["CONFIG_DIR", "ConfigError", "dump_config", "load_yaml_config", "resolve_config_path"]  # for callers
 
 
 @dataclass(frozen=True)
@@ -313,7 +314,7 @@ class Config:
         if not self.privacy.enabled and self.tracking.register_as:
             _fail("tracking.register_as", "a non-private run (privacy.enabled=false) has no guarantee to register; "
                   "leave tracking.register_as empty")  # fmt: skip
-        refuse_unused(self, given=None)
+        typed_yaml.refuse_unused(self, given=None)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -321,7 +322,7 @@ class Config:
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """Validate a nested dict (as read from YAML) into a Config; every key in it counts as written."""
-    return build_config(Config, raw)
+    return typed_yaml.build_config(Config, raw)
 
 
 def load_config(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -331,12 +332,6 @@ def load_config(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Confi
 
 def config_to_dict(config: Config) -> dict[str, Any]:
     return dataclasses.asdict(config)
-
-
-def dump_config(config: Config) -> str:
-    """The resolved config as YAML (config.yaml of a run), without the settings that do nothing in it: they hold
-    their defaults, and written they would be refused, so the file loads back to the same Config."""
-    return dump_yaml(config)
 
 
 def check_against_dataset(config: Config, num_train: int) -> None:
