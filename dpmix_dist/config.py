@@ -98,9 +98,9 @@ class PrivacyConfig:
     mode). Same distribution and guarantee; costs time per step (benchmarks/README.md) and changes the model."""
     enabled: bool = True
     """false: NON-PRIVATE fine-tuning, the ceiling that private runs are compared with. Same Poisson batches,
-    steps and divisor, but no clipping and no noise; ε is infinite and the model cannot be registered. The other
-    settings here are then kept but unused (but expected_batch_size, epochs, secure_noise's sampling): one override
-    turns a private config into its ceiling."""
+    steps and divisor, but no clipping and no noise; ε is infinite and the model cannot be registered. ε, δ, C, σ
+    and the accountant are then kept, unused (the batches still follow expected_batch_size, epochs, secure_noise),
+    so that one override turns a private config into its ceiling."""
 
     def __post_init__(self) -> None:
         check_bounds("privacy", self, target_epsilon="> 0")
@@ -255,8 +255,8 @@ class TrackingConfig:
     """MLflow. Only the main process talks to it; nothing private (seeds, indices, norms, images) is logged."""
 
     enabled: bool = True
-    """false: no MLflow at all (summary.json and config.yaml are still written); the other settings here, but
-    log_train_loss, are then kept but unused, so one override turns tracking off."""
+    """false: no MLflow at all (summary.json and config.yaml are still written). The other settings here are then
+    kept, unused (but log_train_loss, which also writes to summary.json), so that one override turns tracking off."""
     uri: str = ""
     """Tracking URI. Empty: MLFLOW_TRACKING_URI if set, else sqlite:///mlflow.db in the working folder (artifacts
     in mlartifacts/ beside it). A server: http://HOST:PORT."""
