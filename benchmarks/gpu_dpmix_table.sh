@@ -29,17 +29,18 @@ mkdir -p data && cp -r .gpu/fmnist_synthetic data/
 crop=$(cat .gpu/crop.txt)
 for method in dpsgd self_aug dpmix_self dpmix_diff; do
   lr=$(awk -v m=$method '$1 == m {print $2}' .gpu/lr.txt)
-  sizes=()
+  sizes=(augment.crop_padding_fraction=$crop)  # dpsgd makes no views: the config refuses a crop for it
   case $method in
-    self_aug) sizes=(augment.num_views=16) ;;
-    dpmix_self) sizes=(augment.num_views=16 augment.num_mixes=16) ;;
-    dpmix_diff) sizes=(augment.num_views=16 augment.num_mixes=16 augment.num_synthetic=8
+    dpsgd) sizes=() ;;
+    self_aug) sizes+=(augment.num_views=16) ;;
+    dpmix_self) sizes+=(augment.num_views=16 augment.num_mixes=16) ;;
+    dpmix_diff) sizes+=(augment.num_views=16 augment.num_mixes=16 augment.num_synthetic=8
                        augment.synthetic_root=data/fmnist_synthetic) ;;
   esac
   for eps in 1 2 8; do  # finetune.py itself (the sweep needs MLflow, which the GPU image may lack)
     timeout 60 python3 launch/finetune.py --config fmnist_dpmix_small --output-dir runs/gpu/$method-eps$eps \
       augment.method=$method privacy.target_epsilon=$eps data.image_size=128 performance.micro_batch_size=256 \
-      optim.lr=$lr augment.crop_padding_fraction=$crop tracking.enabled=false "${sizes[@]}" 2>&1 | tail -2 | tee -a "$OUT/log.txt"
+      optim.lr=$lr tracking.enabled=false "${sizes[@]}" 2>&1 | tail -2 | tee -a "$OUT/log.txt"
   done
 done
 python3 - "$OUT/results.csv" <<'PY'

@@ -6,6 +6,10 @@ set (δ < 1/N, batch ≤ N) live in `check_against_dataset`, called before any t
 
 The `privacy` section defines the guarantee. The `performance` section holds settings that must never
 change the mechanism or the result beyond float rounding (micro-batch size, threads, feature caching).
+
+A setting that does nothing under the other choices of its section (`only_when` on the field: momentum but with sgd,
+mix_alpha but with mixes) is an error when written, even at its default value; a run's config.yaml leaves it out.
+`privacy.enabled=false` and `tracking.enabled=false` keep their section's other settings: one override flips a config.
 """
 
 from __future__ import annotations
@@ -14,13 +18,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import yaml
-
+from dpmix_dist import typed_yaml
 from dpmix_dist.errors import ConfigError
-from dpmix_dist.typed_yaml import CONFIG_DIR, build_dataclass, load_yaml_config, resolve_config_path
+from dpmix_dist.typed_yaml import CONFIG_DIR, check_bounds, load_yaml_config, only_when, resolve_config_path
+from dpmix_dist.typed_yaml import dump_yaml as dump_config  # a run's config.yaml, without the settings that do nothing
 from dpmix_dist.typed_yaml import fail_key as _fail
 
-__all__ = ["CONFIG_DIR", "ConfigError", "load_yaml_config", "resolve_config_path"]  # re-exported for callers
+__all__ = ["CONFIG_DIR", "ConfigError", "dump_config", "load_yaml_config", "resolve_config_path"]  # for callers
 
 
 @dataclass(frozen=True)
@@ -35,21 +39,18 @@ class ModelConfig:
     norm: Literal["freeze", "groupnorm"] = "freeze"
     """BatchNorm handling for DP: `freeze` keeps ImageNet statistics and trains no BN affine;
     `groupnorm` replaces every BatchNorm by a GroupNorm (trainable)."""
-    groupnorm_groups: int = 32
+    groupnorm_groups: int = field(default=32, metadata=only_when(norm="groupnorm"))
     """Groups per GroupNorm when `norm: groupnorm` (reduced to a divisor of the channel count)."""
     trainable: Literal["all", "head", "last_blocks"] = "last_blocks"
     """What trains: every parameter, the classifier only, or the last `num_trainable_blocks` blocks plus
     everything after them (final norm/conv, classifier)."""
-    num_trainable_blocks: int = 1
+    num_trainable_blocks: int = field(default=1, metadata=only_when(trainable="last_blocks"))
     """Blocks trained when `trainable: last_blocks`."""
 
     def __post_init__(self) -> None:
         if not self.name:
             _fail("model.name", "must name a timm model, e.g. tf_efficientnet_lite0")
-        if self.groupnorm_groups < 1:
-            _fail("model.groupnorm_groups", f"must be >= 1, got {self.groupnorm_groups}")
-        if self.num_trainable_blocks < 1:
-            _fail("model.num_trainable_blocks", f"must be >= 1, got {self.num_trainable_blocks}")
+        check_bounds("model", self, groupnorm_groups=">= 1", num_trainable_blocks=">= 1")
 
 
 @dataclass(frozen=True)
@@ -97,24 +98,22 @@ class PrivacyConfig:
     mode). Same distribution and guarantee; costs time per step (benchmarks/README.md) and changes the model."""
     enabled: bool = True
     """false: NON-PRIVATE fine-tuning, the ceiling that private runs are compared with. Same Poisson batches,
-    steps and divisor, but no clipping and no noise; ε is infinite and the model cannot be registered."""
+    steps and divisor, but no clipping and no noise; ε is infinite and the model cannot be registered. ε, δ, C, σ
+    and the accountant are then kept, unused (the batches still follow expected_batch_size, epochs, secure_noise),
+    so that one override turns a private config into its ceiling."""
 
     def __post_init__(self) -> None:
-        if not self.target_epsilon > 0:
-            _fail("privacy.target_epsilon", f"must be > 0, got {self.target_epsilon}")
+        check_bounds("privacy", self, target_epsilon="> 0")
         if not 0 < self.target_delta < 1:
             _fail("privacy.target_delta", f"must be in (0, 1), got {self.target_delta}")
-        if not self.max_grad_norm > 0:
-            _fail("privacy.max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
-        if self.expected_batch_size < 1:
-            _fail("privacy.expected_batch_size", f"must be >= 1, got {self.expected_batch_size}")
-        if not self.epochs > 0:
-            _fail("privacy.epochs", f"must be > 0, got {self.epochs}")
+        check_bounds("privacy", self, max_grad_norm="> 0", expected_batch_size=">= 1", epochs="> 0")
         if self.noise_multiplier is not None and not self.noise_multiplier > 0:
             _fail("privacy.noise_multiplier", f"must be > 0 or null, got {self.noise_multiplier}")
 
 
 TRANSFORMS = ("crop", "flip")
+VIEWS = ("self_aug", "dpmix_self", "dpmix_diff")  # the methods that make (augmented) views
+MIXING = ("dpmix_self", "dpmix_diff")
 
 
 @dataclass(frozen=True)
@@ -132,13 +131,13 @@ class AugmentConfig:
     """M, mixup samples per example (dpmix_self / dpmix_diff; 0 otherwise)."""
     num_synthetic: int = 0
     """S, synthetic images drawn into each example's pool (dpmix_diff only)."""
-    mix_alpha: float = 0.2
+    mix_alpha: float = field(default=0.2, metadata=only_when(method=MIXING))
     """α of λ ~ Beta(α, α), one λ per mix (images and labels mixed by the same λ)."""
-    include_unmixed: bool = True
+    include_unmixed: bool = field(default=True, metadata=only_when(method=MIXING))
     """Whether the group's loss also counts the unmixed pool (views and synthetic images), or the mixes only."""
-    transforms: tuple[str, ...] = TRANSFORMS
+    transforms: tuple[str, ...] = field(default=TRANSFORMS, metadata=only_when(method=VIEWS))
     """Self-augmentation of each view, from: crop (random crop with reflect padding), flip (horizontal)."""
-    crop_padding_fraction: float = 0.02
+    crop_padding_fraction: float = field(default=0.02, metadata=only_when(method=VIEWS, transforms="crop"))
     """Reflect padding before the random crop back to data.image_size, as a fraction of the image side:
     max(1, round(fraction · data.image_size)) pixels (0: no shift). The default is the paper's 4 px at 224 px; the
     same pixel count on a small input is a far stronger shift (4 px = 12.5% of a 32-px image)."""
@@ -147,20 +146,15 @@ class AugmentConfig:
 
     def padding_pixels(self, image_size: int) -> int:
         """The crop's reflect padding in pixels at this input size."""
-        if self.crop_padding_fraction == 0:
-            return 0
-        return max(1, round(self.crop_padding_fraction * image_size))
+        return max(1, round(self.crop_padding_fraction * image_size)) if self.crop_padding_fraction else 0
 
     def __post_init__(self) -> None:
         k, m, s = self.num_views, self.num_mixes, self.num_synthetic
-        for key, value, low in (("num_views", k, 1), ("num_mixes", m, 0), ("num_synthetic", s, 0)):
-            if value < low:
-                _fail(f"augment.{key}", f"must be >= {low}, got {value}")
+        check_bounds("augment", self, num_views=">= 1", num_mixes=">= 0", num_synthetic=">= 0")
         if not 0 <= self.crop_padding_fraction < 0.5:
             _fail("augment.crop_padding_fraction", f"must be in [0, 0.5) (a fraction of data.image_size), got "
                   f"{self.crop_padding_fraction}")  # fmt: skip
-        if not self.mix_alpha > 0:
-            _fail("augment.mix_alpha", f"must be > 0, got {self.mix_alpha}")
+        check_bounds("augment", self, mix_alpha="> 0")
         unknown = [t for t in self.transforms if t not in TRANSFORMS]
         if unknown or len(set(self.transforms)) != len(self.transforms):
             _fail("augment.transforms", f"got {list(self.transforms)}; choose distinct names from {list(TRANSFORMS)}")
@@ -186,20 +180,21 @@ class OptimConfig:
     """The optimizer that consumes the privatized gradient (post-processing: no effect on ε)."""
 
     name: Literal["sgd", "adam", "adamw"] = "sgd"
+    """torch.optim.SGD, Adam or AdamW (adam/adamw with torch's betas (0.9, 0.999))."""
     lr: float = 0.5
-    momentum: float = 0.9
-    """SGD momentum (ignored by adam/adamw, which use betas (0.9, 0.999))."""
+    """Peak learning rate (the schedule starts from it)."""
+    momentum: float = field(default=0.9, metadata=only_when(name="sgd"))
+    """SGD momentum (adam/adamw have none: they use betas (0.9, 0.999))."""
     weight_decay: float = 0.0
+    """torch's weight_decay: L2 added to the gradient for sgd and adam, decoupled decay for adamw."""
     schedule: Literal["constant", "cosine"] = "cosine"
     """Learning-rate schedule over the planned steps."""
 
     def __post_init__(self) -> None:
-        if not self.lr > 0:
-            _fail("optim.lr", f"must be > 0, got {self.lr}")
+        check_bounds("optim", self, lr="> 0")
         if not 0 <= self.momentum < 1:
             _fail("optim.momentum", f"must be in [0, 1), got {self.momentum}")
-        if self.weight_decay < 0:
-            _fail("optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        check_bounds("optim", self, weight_decay=">= 0")
 
 
 @dataclass(frozen=True)
@@ -215,18 +210,19 @@ class PerformanceConfig:
     generic vmap of per-group gradients, exact as far as torch's vmap rules are (benchmarks/README.md: the zoo
     coverage table, and XCiT, where it is not); `auto`: layerwise where it accepts the model, else functorch."""
     eval_batch_size: int = 500
+    """Images per forward pass when evaluating and when computing cached frozen features."""
     cache_frozen_features: bool = True
     """Run the frozen part of the backbone once per image and keep its output, when no augmentation
     makes the frozen input change between steps. Identical gradients, far less compute."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """`bf16`: forward/backward under bf16 autocast (GPUs); per-example norms, clipping, sums and noise stay fp32.
     Unlike the other settings here, bf16 changes results beyond fp32 rounding (never the guarantee)."""
-    feature_cache_on_disk: bool = True
+    feature_cache_on_disk: bool = field(default=True, metadata=only_when(cache_frozen_features=True))
     """Keep cached frozen features in data.cache_dir/features/, keyed by a digest of the model's weights, the
     shards, the examples held and the prefix settings, so the next run on the same data and model (a sweep's) loads
     them instead of recomputing: bit-identical. They derive from private data: the folder is as private as the
     decoded shards beside it."""
-    feature_cache_max_gb: float = 16.0
+    feature_cache_max_gb: float = field(default=16.0, metadata=only_when(cache_frozen_features=True))
     """Refuse to cache frozen features larger than this per process (set cache_frozen_features=false)."""
     num_threads: int = 0
     """torch intra-op threads per process; 0 = leave torch's default (all cores / OMP_NUM_THREADS)."""
@@ -235,14 +231,8 @@ class PerformanceConfig:
     faster on these CPUs; results change only by float rounding)."""
 
     def __post_init__(self) -> None:
-        if self.micro_batch_size < 1:
-            _fail("performance.micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
-        if self.eval_batch_size < 1:
-            _fail("performance.eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
-        if not self.feature_cache_max_gb > 0:
-            _fail("performance.feature_cache_max_gb", f"must be > 0, got {self.feature_cache_max_gb}")
-        if self.num_threads < 0:
-            _fail("performance.num_threads", f"must be >= 0, got {self.num_threads}")
+        check_bounds("performance", self, micro_batch_size=">= 1", eval_batch_size=">= 1", feature_cache_max_gb="> 0",
+                     num_threads=">= 0")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -254,12 +244,10 @@ class RunConfig:
     checkpoint_every_epochs: float = 1.0
     """Write a resumable checkpoint (a private artifact: it holds the secret seed) this often."""
     progress_bar: bool = True
+    """Show tqdm progress bars (feature caching, DP steps) on the main process."""
 
     def __post_init__(self) -> None:
-        if not self.eval_every_epochs > 0:
-            _fail("run.eval_every_epochs", f"must be > 0, got {self.eval_every_epochs}")
-        if not self.checkpoint_every_epochs > 0:
-            _fail("run.checkpoint_every_epochs", f"must be > 0, got {self.checkpoint_every_epochs}")
+        check_bounds("run", self, eval_every_epochs="> 0", checkpoint_every_epochs="> 0")
 
 
 @dataclass(frozen=True)
@@ -267,10 +255,13 @@ class TrackingConfig:
     """MLflow. Only the main process talks to it; nothing private (seeds, indices, norms, images) is logged."""
 
     enabled: bool = True
+    """false: no MLflow at all (summary.json and config.yaml are still written). The other settings here are then
+    kept, unused (but log_train_loss, which also writes to summary.json), so that one override turns tracking off."""
     uri: str = ""
     """Tracking URI. Empty: MLFLOW_TRACKING_URI if set, else sqlite:///mlflow.db in the working folder (artifacts
     in mlartifacts/ beside it). A server: http://HOST:PORT."""
     experiment: str = "dpmix-dist"
+    """MLflow experiment of the run (created when missing)."""
     run_name: str = ""
     """Default: CONFIG-METHOD-eps{ε}."""
     register_as: str = ""
@@ -286,42 +277,52 @@ class TrackingConfig:
     request_timeout_s: float = 5.0
     """Per request; a server that does not answer in time counts as away and the records wait in a queue."""
     retry_every_s: float = 2.0
+    """How often to retry sending queued records while the server is away."""
     flush_timeout_s: float = 30.0
     """At the end, how long to keep retrying a server that is away before reporting what could not be sent."""
 
     def __post_init__(self) -> None:
-        for key in ("request_timeout_s", "retry_every_s"):
-            if not getattr(self, key) > 0:
-                _fail(f"tracking.{key}", f"must be > 0, got {getattr(self, key)}")
-        if self.flush_timeout_s < 0:
-            _fail("tracking.flush_timeout_s", f"must be >= 0, got {self.flush_timeout_s}")
+        check_bounds("tracking", self, request_timeout_s="> 0", retry_every_s="> 0", flush_timeout_s=">= 0")
         if not self.experiment:
             _fail("tracking.experiment", "must name an MLflow experiment")
 
 
 @dataclass(frozen=True)
 class Config:
+    """A run: one section per YAML mapping; the checks across sections are in `__post_init__`."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
+    """Backbone, weights, what trains."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Shards, input size, evaluation split."""
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    """The guarantee."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """The method and what each example's group holds."""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """What consumes the privatized gradient."""
     performance: PerformanceConfig = field(default_factory=PerformanceConfig)
+    """Speed and memory; never the guarantee."""
     run: RunConfig = field(default_factory=RunConfig)
+    """Evaluation, checkpoints, progress bars."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """MLflow."""
 
     def __post_init__(self) -> None:
+        """Checks across sections. Settings that do nothing (`only_when`) are refused here when they differ from their
+        defaults (a Config built in code); the loader refuses them when written at all."""
         if not self.privacy.enabled and self.tracking.register_as:
             _fail("tracking.register_as", "a non-private run (privacy.enabled=false) has no guarantee to register; "
                   "leave tracking.register_as empty")  # fmt: skip
+        typed_yaml.refuse_unused(self, given=None)
 
 
 # ---------------------------------------------------------------------------------------------- loading
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
-    """Validate a nested dict (as read from YAML) into a Config."""
-    return build_dataclass(Config, raw, "")
+    """Validate a nested dict (as read from YAML) into a Config; every key in it counts as written."""
+    return typed_yaml.build_config(Config, raw)
 
 
 def load_config(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -333,21 +334,12 @@ def config_to_dict(config: Config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def dump_config(config: Config) -> str:
-    return yaml.safe_dump(config_to_dict(config), sort_keys=False)
-
-
 def check_against_dataset(config: Config, num_train: int) -> None:
     """Checks that need N, the number of private training examples (from the shards' metadata)."""
     p = config.privacy
     if p.expected_batch_size > num_train:
-        _fail(
-            "privacy.expected_batch_size",
-            f"{p.expected_batch_size} is larger than the data set ({num_train} examples); lower it",
-        )
+        _fail("privacy.expected_batch_size", f"{p.expected_batch_size} is larger than the data set ({num_train} "
+              "examples); lower it")  # fmt: skip
     if p.target_delta >= 1.0 / num_train:
-        _fail(
-            "privacy.target_delta",
-            f"{p.target_delta:g} must be < 1/N = {1.0 / num_train:.3g} (N = {num_train}); a δ that large "
-            "allows releasing an example outright. Use e.g. 1e-5 or 1/(10·N)",
-        )
+        _fail("privacy.target_delta", f"{p.target_delta:g} must be < 1/N = {1.0 / num_train:.3g} (N = {num_train}); a "
+              "δ that large allows releasing an example outright. Use e.g. 1e-5 or 1/(10·N)")  # fmt: skip

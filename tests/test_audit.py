@@ -33,6 +33,7 @@ from dpmix_dist.privacy import audit as A
 from dpmix_dist.privacy.mechanism import PrivateGradient
 
 REPO = Path(__file__).resolve().parent.parent
+HEAD = ("model.trainable=head", "model.num_trainable_blocks=null")  # tiny_test trains its last 2 blocks: the head only
 
 
 def _p(epsilon: float) -> float:
@@ -242,7 +243,7 @@ def private_data(tmp_path_factory) -> Path:
 def _audit(root: Path, tmp_path: Path, *overrides: str, seed: int, direction: str = "dirac",
            canary_norm: float | None = None, input_canaries: int = 0, **hooks):  # fmt: skip
     config = load_config("tiny_test", [
-        f"data.root={root / 'data'}", f"data.cache_dir={root / 'cache'}", "model.trainable=head",
+        f"data.root={root / 'data'}", f"data.cache_dir={root / 'cache'}", *HEAD,
         f"privacy.expected_batch_size={BATCH}", f"privacy.epochs={EPOCHS}", f"privacy.target_epsilon={TARGET_EPSILON}",
         "privacy.target_delta=1e-5", "performance.micro_batch_size=64", "run.eval_every_epochs=2",
         "run.checkpoint_every_epochs=2", *overrides,
@@ -347,7 +348,7 @@ def test_two_examples_in_one_group_is_flagged(private_data, tmp_path):
 def test_augmented_runs_take_input_canaries_through_the_group_builder(private_data, tmp_path):
     """self_aug (K = 2 views) draws each input canary's views from its global index, like a private example's."""
     config = load_config("tiny_test", [
-        f"data.root={private_data / 'data'}", f"data.cache_dir={private_data / 'cache'}", "model.trainable=head",
+        f"data.root={private_data / 'data'}", f"data.cache_dir={private_data / 'cache'}", *HEAD,
         "privacy.expected_batch_size=16", "privacy.epochs=0.1", "privacy.target_delta=1e-5", "augment.method=self_aug",
         "augment.num_views=2", "performance.micro_batch_size=64",
     ])  # fmt: skip
@@ -380,7 +381,7 @@ def test_the_command_reports_aggregates_and_writes_audit_json(private_data, tmp_
     out = tmp_path / "run"
     code = _main("--config", "tiny_test", "--output-dir", str(out), "--gradient-canaries", "2000",
                  "--input-canaries", "50", "--seed", "5", "--audit-seed", "6", f"data.root={private_data / 'data'}",
-                 f"data.cache_dir={private_data / 'cache'}", "model.trainable=head", "privacy.expected_batch_size=16",
+                 f"data.cache_dir={private_data / 'cache'}", *HEAD, "privacy.expected_batch_size=16",
                  "privacy.epochs=0.5", "privacy.target_delta=1e-5", "performance.micro_batch_size=64")  # fmt: skip
     printed = capsys.readouterr()
     assert code == 0, printed.err[-2000:]
@@ -405,6 +406,6 @@ def test_the_command_fails_with_one_line_naming_the_fix(private_data, tmp_path, 
     keys = [o for o in overrides if o not in flags]
     code = _main("--config", "tiny_test", "--output-dir", str(tmp_path / "run"), *flags,
                  f"data.root={private_data / 'data'}", f"data.cache_dir={private_data / 'cache'}",
-                 "model.trainable=head", "privacy.target_delta=1e-5", *keys)
+                 *HEAD, "privacy.target_delta=1e-5", *keys)
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and message in err and "Traceback" not in err

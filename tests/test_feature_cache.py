@@ -36,7 +36,8 @@ def data(tmp_path_factory) -> dict:
 
 
 def _trainer(data: dict, cache: Path, *extra: str, root: str = "a") -> Trainer:
-    overrides = [f"data.root={data[root]}", f"data.cache_dir={cache}", "model.trainable=head", *extra]
+    overrides = [f"data.root={data[root]}", f"data.cache_dir={cache}", "model.trainable=head",
+                 "model.num_trainable_blocks=null", *extra]  # tiny_test trains its last 2 blocks: the head only
     return Trainer(load_config("tiny_test", overrides), Distributed(cpu=True), data["root"], SEED)
 
 

@@ -8,6 +8,8 @@ import math
 import pytest
 
 from dpmix_dist import sweep
+from dpmix_dist.config import load_config
+from dpmix_dist.errors import ConfigError
 
 
 def test_method_scoped_overrides_and_non_private_runs():
@@ -62,6 +64,22 @@ def test_options_for_the_swept_methods_need_not_suit_the_configs_own_method():
     config, combos, common, scoped = sweep.plan(args)
     assert config.augment.method == "self_aug" and config.augment.num_views == 3
     assert [c["name"] for c in combos] == ["self_aug-eps1-rep0", "self_aug-eps8-rep0"] and not scoped
+
+
+def test_a_setting_only_some_swept_methods_use_is_scoped_to_them():
+    """dpsgd makes no views: a crop for every run of a sweep with dpsgd is refused before any run, naming the key;
+    scoped to the methods that augment (docs/results/dpmix_small.sh), it is taken by them alone."""
+    base = ["--config", "tiny_test", "--epsilons", "1", "--methods", "dpsgd,self_aug", "--non-private", "dpsgd",
+            "self_aug:augment.num_views=2"]  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^augment\.crop_padding_fraction: does nothing here: .*method=dpsgd"):
+        sweep.plan(sweep.parse_args([*base, "augment.crop_padding_fraction=0.1"]))
+    config, combos, common, scoped = sweep.plan(sweep.parse_args([*base, "self_aug:augment.crop_padding_fraction=0.1"]))
+    assert config.augment.method == "dpsgd" and len(combos) == 3
+    assert scoped["self_aug"] == ["augment.num_views=2", "augment.crop_padding_fraction=0.1"]
+    # the non-private ceiling keeps the privacy section it switches off (tiny_test writes privacy.target_epsilon)
+    ceiling = load_config("tiny_test", sweep._run_overrides(common, scoped, combos[-1]))
+    assert combos[-1]["name"] == "dpsgd-nonprivate-rep0" and not ceiling.privacy.enabled
+    assert ceiling.privacy.target_epsilon == 8.0
 
 
 def test_a_tuning_sweep_reports_validation_accuracy_not_test_accuracy():

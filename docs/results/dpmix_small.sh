@@ -21,8 +21,11 @@ SIZES=(self_aug:augment.num_views=4
         dpmix_diff:augment.synthetic_root=data/fmnist_synthetic)
 METHODS=${METHODS:-dpsgd,self_aug,dpmix_self,dpmix_diff}
 sweep() { $PY launch/sweep.py --config fmnist_dpmix_small "$@"; }
-sizes() {  # the SIZES entries of the methods in $1 (the sweep refuses overrides for methods it does not run)
-  local e; for e in "${SIZES[@]}"; do [[ ",$1," == *",${e%%:*},"* ]] && echo "$e"; done; true
+sizes() {  # the SIZES entries of the methods in $1 (the sweep refuses overrides for methods it does not run), and
+  # $crop for those that augment (dpsgd makes no views: the config refuses a crop for it)
+  local e; for e in "${SIZES[@]}"; do [[ ",$1," == *",${e%%:*},"* ]] && echo "$e"; done
+  for e in self_aug dpmix_self dpmix_diff; do [[ ",$1," == *",$e,"* ]] && echo "$e:augment.crop_padding_fraction=$crop"; done
+  true
 }
 
 case "${1:-}" in
@@ -30,13 +33,13 @@ tune)
   # 1. crop padding (a fraction of the input side), chosen once for every augmenting method with self_aug
   for crop in 0 0.03 0.125; do
     sweep --epsilons 1 --methods self_aug --output-dir "$OUT/tune-crop-$crop" data.eval_split=validation \
-      augment.crop_padding_fraction=$crop $(sizes self_aug)
+      $(sizes self_aug)
   done
   crop=$($PY docs/results/pick_settings.py crop "$OUT")
   # 2. learning rate: the same three choices for every method
   for lr in 1 3 9; do
     sweep --epsilons 1 --methods "$METHODS" --output-dir "$OUT/tune-lr-$lr${TAG:-}" data.eval_split=validation \
-      optim.lr=$lr augment.crop_padding_fraction=$crop $(sizes "$METHODS")
+      optim.lr=$lr $(sizes "$METHODS")
   done
   $PY docs/results/pick_settings.py show "$OUT" ;;
 table)
@@ -47,7 +50,7 @@ table)
       extra=()
       [ "$method" = dpsgd ] && [ "$eps" = 1 ] && extra=(--non-private dpsgd)
       sweep --epsilons $eps --methods "$method" --seeds 0,1,2 "${extra[@]}" --output-dir "$OUT/table-$method-eps$eps" \
-        optim.lr=$lr augment.crop_padding_fraction=$crop $(sizes "$method")
+        optim.lr=$lr $(sizes "$method")
     done
   done ;;
 spot)
