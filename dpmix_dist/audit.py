@@ -207,7 +207,7 @@ def input_canary_split(metadata: dict, cache_dir: str, num: int, seed: int) -> t
     rng = np.random.default_rng(seed)
     num_classes = int(metadata["num_classes"])
     shape = tuple(metadata["splits"]["train"]["image_shape"])
-    partner = Path(metadata.get("split", {}).get("partner", "") or "/nonexistent")
+    partner = Path(metadata.get("partition", {}).get("partner", "") or "/nonexistent")
     if (partner / "metadata.json").is_file():
         public = load_split(partner, "train", cache_dir)
         if len(public) < num:

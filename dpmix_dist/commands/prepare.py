@@ -15,8 +15,8 @@
         --subset-out data/fashion_mnist_2k --subset-count 2000
 
 With --public-out, --out holds only the private part of the train split (what fine-tuning may use) and
---public-out the disjoint public part; both hold the test split, and both record the split in metadata.json
-("split": role, seed, counts, SHA-256 of the source indices of either part) and in source_indices.npy.
+--public-out the disjoint public part; both hold the test split, and both record the partition in metadata.json
+("partition": role, seed, counts, SHA-256 of the source indices of either part) and in source_indices.npy.
 --validation-count V moves V public examples into a `validation` split written to every output folder (the public
 folder's train split keeps the rest, so a generator trained on it never sees them); runs choose settings on it
 with data.eval_split=validation, never on the test split. --subset-out writes a private folder whose train split
@@ -30,7 +30,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dpmix_dist.data.prepare import SplitRequest, write_split
+from dpmix_dist.data.prepare import PartitionRequest, write_partition
 from dpmix_dist.data.shards import write_dataset
 from dpmix_dist.data.sources import FASHION_MNIST_DEFAULT_DIR, DataError, read_cifar, read_fashion_mnist, read_image_folder
 from dpmix_dist.errors import run_command
@@ -91,7 +91,7 @@ def _prepare(args: argparse.Namespace) -> int:
     if args.public_out is None:
         written = [(write_dataset(dataset, args.out, overwrite=args.overwrite), dataset)]
     else:
-        written = write_split(dataset, SplitRequest(
+        written = write_partition(dataset, PartitionRequest(
             args.out, args.public_out, args.public_count, args.validation_count, args.subset_out, args.subset_count,
             args.split_seed, args.overwrite))  # fmt: skip
     for root, part in written:

@@ -62,9 +62,9 @@ class RunInputs:
     def public_example(self) -> torch.Tensor:
         """One model input (1, 3, S, S) on the CPU from PUBLIC data, for the logged model's signature: an image of
         the public part of the split when there is one, else a synthetic mid-grey image. Never a private one."""
-        split = self.metadata.get("split", {})
-        partner = Path(split.get("partner", ""))
-        if split.get("role") == "private" and (partner / "metadata.json").is_file():
+        partition = self.metadata.get("partition", {})
+        partner = Path(partition.get("partner", ""))
+        if partition.get("role") == "private" and (partner / "metadata.json").is_file():
             try:
                 public = load_split(partner, "train", self.config.data.cache_dir)
                 return self.to_input(np.asarray(public.images[:1])).cpu()

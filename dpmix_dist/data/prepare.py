@@ -1,6 +1,6 @@
-"""Writing a source data set as shard folders, cut into a public part, the private rest and a private subset.
+"""Writing a source data set as shard folders, partitioned into a public part, the private rest and a private subset.
 
-The split record (`"split"` in each folder's metadata.json) is what `data/provenance.py` checks later: the source,
+The partition record (`"partition"` in each folder's metadata.json) is what `data/provenance.py` checks later: the source,
 the split seed, the counts and SHA-256 digests of the source indices of either part. All index choices depend only
 on the split seed, which is public.
 """
@@ -21,7 +21,7 @@ from dpmix_dist.data.sources import (
 
 
 @dataclass(frozen=True)
-class SplitRequest:
+class PartitionRequest:
     """Where the parts go and how large they are (the options of launch/prepare_data.py)."""
 
     out: Path
@@ -53,14 +53,14 @@ def _with(dataset: RawDataset, name: str, train_idx: np.ndarray, validation_idx:
     return RawDataset(name, dataset.classes, splits, dataset.source)
 
 
-def write_split(dataset: RawDataset, args: SplitRequest) -> list[tuple[Path, RawDataset]]:
-    """The private part (`args.out`), the public part and, if asked, the private subset, each recording the split
-    in metadata.json and its source indices in source_indices.npy. Returns (folder, data set) per part."""
+def write_partition(dataset: RawDataset, args: PartitionRequest) -> list[tuple[Path, RawDataset]]:
+    """The private part (`args.out`), the public part and, if asked, the private subset, each recording the
+    partition in metadata.json and its source indices in source_indices.npy. Returns (folder, data set) per part."""
     private_idx, public_idx = split_public_private(len(dataset.splits["train"].labels), args.public_count, args.split_seed)
     public_train_idx, validation_idx = public_idx, None
     if args.validation_count is not None:
         public_train_idx, validation_idx = carve_validation(public_idx, args.validation_count, args.split_seed)
-    split = {
+    partition = {
         "source_split": "train",
         "source_num_examples": int(len(private_idx) + len(public_idx)),
         "split_seed": args.split_seed,
@@ -72,7 +72,7 @@ def write_split(dataset: RawDataset, args: SplitRequest) -> list[tuple[Path, Raw
     }
     files = {}
     if validation_idx is not None:
-        split.update(validation_count=int(len(validation_idx)), validation_indices_sha256=_digest(validation_idx),
+        partition.update(validation_count=int(len(validation_idx)), validation_indices_sha256=_digest(validation_idx),
                      validation_indices_file=VALIDATION_INDICES)  # fmt: skip
         files[VALIDATION_INDICES] = _npy(validation_idx)
     parts = [("private", private_idx, dataset.name, args.out, {}),
@@ -85,7 +85,7 @@ def write_split(dataset: RawDataset, args: SplitRequest) -> list[tuple[Path, Raw
     written = []
     for role, idx, name, out, extra in parts:
         partner = args.out if role == "public" else args.public_out
-        meta = {"split": {"role": role, "partner": str(partner), **split}, **extra}
+        meta = {"partition": {"role": role, "partner": str(partner), **partition}, **extra}
         part = _with(dataset, name, idx, validation_idx)
         root = write_dataset(part, out, overwrite=args.overwrite, extra=meta, extra_files={SPLIT_INDICES: _npy(idx), **files})
         written.append((root, part))

@@ -26,16 +26,16 @@ from dpmix_dist.data.shards import read_metadata
 from dpmix_dist.errors import DataError
 
 # What identifies a public/private split: equal values mean the same partition of the same source.
-_SPLIT_IDENTITY = ("source_split", "source_num_examples", "split_seed", "public_indices_sha256", "private_indices_sha256")
+_PARTITION_IDENTITY = ("source_split", "source_num_examples", "split_seed", "public_indices_sha256", "private_indices_sha256")
 
 
 def check_private_root(root: str, metadata: dict) -> None:
     """A DataError unless `root` holds private training data (not the public part of a split, not synthetic)."""
-    split = metadata.get("split") or {}
-    if split.get("role") == "public":
+    partition = metadata.get("partition") or {}
+    if partition.get("role") == "public":
         raise DataError(
             f"data.root: {root} is the public part of a public/private split (for the diffusion generator); "
-            f"private fine-tuning trains on the private part: {split['partner']}"
+            f"private fine-tuning trains on the private part: {partition['partner']}"
         )
     if metadata.get("synthetic"):
         raise DataError(f"data.root: {root} holds synthetic images; point it at the private data set")
@@ -71,32 +71,32 @@ def check_synthetic_root(root: str, private_metadata: dict, private_root: str) -
 
 
 def _check_trained_on_public_part(root: str, trained_on: dict, private_metadata: dict, private_root: str) -> None:
-    split, private_split = trained_on.get("split") or {}, private_metadata.get("split") or {}
+    partition, private_partition = trained_on.get("partition") or {}, private_metadata.get("partition") or {}
     fix = ("train the generator on the public part of the private data's split "
-           f"({private_split.get('partner', 'launch/prepare_data.py --public-out')}) with launch/train_diffusion.py")  # fmt: skip
+           f"({private_partition.get('partner', 'launch/prepare_data.py --public-out')}) with launch/train_diffusion.py")  # fmt: skip
     trained_root = trained_on.get("root")
-    if trained_root and Path(trained_root).resolve() == Path(private_root).resolve() or split.get("role") == "private":
+    if trained_root and Path(trained_root).resolve() == Path(private_root).resolve() or partition.get("role") == "private":
         raise DataError(f"augment.synthetic_root: {root} comes from a generator trained on the private data "
                         f"({trained_root}); {fix}")  # fmt: skip
-    if split.get("role") != "public" or private_split.get("role") != "private":
+    if partition.get("role") != "public" or private_partition.get("role") != "private":
         raise DataError(f"augment.synthetic_root: {root} comes from a generator trained on {trained_root}, which is not "
                         "recorded as the public part of a public/private split (it may contain private examples); "
                         f"{fix}")  # fmt: skip
-    differs = [k for k in _SPLIT_IDENTITY if split.get(k) is None or split.get(k) != private_split.get(k)]
+    differs = [k for k in _PARTITION_IDENTITY if partition.get(k) is None or partition.get(k) != private_partition.get(k)]
     if differs:
         raise DataError(f"augment.synthetic_root: {root} comes from a generator trained on the public part of another "
                         f"split than the private data's ({', '.join(differs)} differ), so the two sets are not known "
                         f"to be disjoint; {fix}")  # fmt: skip
-    public_indices = _source_indices(trained_root, split)
-    private_indices = _source_indices(private_root, private_split)
+    public_indices = _source_indices(trained_root, partition)
+    private_indices = _source_indices(private_root, private_partition)
     if public_indices is not None and private_indices is not None and np.intersect1d(public_indices, private_indices).size:
         raise DataError(f"augment.synthetic_root: {root}: the generator's training images and the private set share "
                         f"source examples (by their recorded source indices); {fix}")  # fmt: skip
 
 
-def _source_indices(root: str | None, split: dict) -> np.ndarray | None:
+def _source_indices(root: str | None, partition: dict) -> np.ndarray | None:
     """The positions in the source split that a folder's train images came from, when it keeps them."""
-    name = split.get("indices_file")
+    name = partition.get("indices_file")
     if not root or not name or not (Path(root) / name).is_file():
         return None
     return np.load(Path(root) / name)

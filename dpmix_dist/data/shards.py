@@ -124,6 +124,17 @@ def read_metadata(root: str | Path) -> dict:
         raise DataError(f"{path}: corrupt JSON ({exc}); re-create the folder with launch/prepare_data.py") from None
     if meta.get("format_version") != FORMAT_VERSION or "splits" not in meta:
         raise DataError(f"{path}: unknown format; re-create the folder with launch/prepare_data.py")
+    return with_partition_key(meta)
+
+
+def with_partition_key(meta: dict) -> dict:
+    """Folders and generator records written before the public/private record was renamed called it "split" (a
+    word that means train/test elsewhere in the metadata); read them under the new name, "partition"."""
+    if "split" in meta:
+        meta.setdefault("partition", meta.pop("split"))
+    trained_on = ((meta.get("synthetic") or {}).get("generator_info") or {}).get("trained_on") or meta.get("trained_on")
+    if isinstance(trained_on, dict) and "split" in trained_on:
+        trained_on.setdefault("partition", trained_on.pop("split"))
     return meta
 
 

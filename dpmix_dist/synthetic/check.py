@@ -50,7 +50,7 @@ def check_synthetic(synthetic_dir: str | Path, real_dir: str | Path, cfg: CheckC
     syn_meta, real_meta = read_metadata(synthetic_dir), read_metadata(real_dir)
     if not syn_meta.get("synthetic"):
         raise DataError(f"{synthetic_dir}: no synthetic set here (metadata.json has no 'synthetic' record); generate it first")
-    if real_meta.get("split", {}).get("role") == "private":
+    if real_meta.get("partition", {}).get("role") == "private":
         raise DataError(f"check.real_data: {real_dir} is the private part of a split; the check uses public data only")
     if syn_meta["classes"] != real_meta["classes"]:
         raise DataError(f"check.real_data: {real_dir} has classes {real_meta['classes']}, the synthetic set {syn_meta['classes']}")

@@ -50,11 +50,11 @@ def build_unet(cfg: UNetConfig, image_size: int, channels: int, num_classes: int
 
 def check_public(root: str | Path, meta: dict) -> None:
     """The generator's data must be public: refuse a folder marked as the private part of a split."""
-    split = meta.get("split", {})
-    if split.get("role") == "private":
+    partition = meta.get("partition", {})
+    if partition.get("role") == "private":
         raise DataError(
             f"data.root: {root} is the PRIVATE part of a public/private split; the generator must never see private "
-            f"data (its images would then not be public). Train it on the public part: {split.get('partner')}"
+            f"data (its images would then not be public). Train it on the public part: {partition.get('partner')}"
         )
 
 
@@ -152,7 +152,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, *, resume: bool = False, progress
         "num_classes": num_classes,
         "null_class": num_classes,
         "image_shape": [height, width, channels],
-        "trained_on": {"root": str(cfg.data.root), "name": meta.get("name"), "split": meta.get("split"),
+        "trained_on": {"root": str(cfg.data.root), "name": meta.get("name"), "partition": meta.get("partition"),
                        "train_shards": meta["splits"]["train"]["shards"]},
         "steps": step,
         "batch_size": t.batch_size,
