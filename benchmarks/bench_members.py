@@ -51,7 +51,7 @@ def main() -> None:
         for bf16 in (False, True):
             for inference in (False, True):
                 name = f"{layout:13} {'bf16' if bf16 else 'fp32'} {'inference_mode' if inference else 'no_grad':14}"
-                rows[name] = _members_per_s(dp.split.prefix, xl, bf16, inference, args.repeats)
+                rows[name] = _members_per_s(dp.cut.prefix, xl, bf16, inference, args.repeats)
                 print(f"{name} {rows[name]:8.0f} members/s", flush=True)
     base = rows[next(iter(rows))]
     names = {k: "/".join(k.split()) for k in rows}

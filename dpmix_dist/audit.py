@@ -427,7 +427,7 @@ def _canary_store(trainer, split: Split) -> ExampleStore:
     """The input canaries as the trainer sees examples: the frozen prefix applied (and cached, as for private data)."""
     cfg = trainer.config
     caching = cfg.performance.cache_frozen_features and cfg.augment.method == "dpsgd"
-    return ExampleStore(split, torch.arange(len(split)), trainer.inputs.to_input, trainer.dp_model.split.prefix,
+    return ExampleStore(split, torch.arange(len(split)), trainer.inputs.to_input, trainer.dp_model.cut.prefix,
                         cache_features=caching, batch_size=cfg.performance.eval_batch_size)  # fmt: skip
 
 
@@ -436,7 +436,7 @@ def _losses(trainer, store: ExampleStore) -> np.ndarray:
     """The final model's loss on each input canary (un-augmented, as evaluation sees images)."""
     losses = []
     for chunk in store.owned.split(trainer.config.performance.eval_batch_size):
-        logits = trainer.dp_model.split.tail(store.features(chunk))
+        logits = trainer.dp_model.cut.tail(store.features(chunk))
         losses.append(F.cross_entropy(logits.float(), store.labels(chunk).to(logits.device), reduction="none").cpu())
     return torch.cat(losses).double().numpy()
 

@@ -1,4 +1,4 @@
-"""timm backbones made DP-compatible and split into a frozen prefix and a trainable tail.
+"""timm backbones made DP-compatible and cut into a frozen prefix and a trainable tail.
 
 DP needs each example's gradient to depend on that example alone, so:
 - BatchNorm is frozen (eval statistics, affine not trained) or replaced by GroupNorm;
@@ -135,7 +135,7 @@ def disable_inplace(model: nn.Module) -> nn.Module:
     return model
 
 
-# ---------------------------------------------------------------------------------------------- splitting
+# ---------------------------------------------------------------------------------------------- cutting
 
 
 def _flat_blocks(stages: nn.Module) -> list[nn.Module]:
@@ -149,7 +149,7 @@ def _run(blocks: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class Split:
+class ModelCut:
     """The model cut in two: `prefix(x)` (frozen, no autograd needed) then `tail(features)` -> logits."""
 
     prefix: Callable[[torch.Tensor], torch.Tensor]
@@ -157,7 +157,7 @@ class Split:
     tail_modules: list[nn.Module]  # whose parameters may train
 
 
-def _split_efficientnet(m: nn.Module, n: int) -> Split:
+def _cut_efficientnet(m: nn.Module, n: int) -> ModelCut:
     blocks = _flat_blocks(m.blocks)
     head, trunk = blocks[len(blocks) - n :], blocks[: len(blocks) - n]
 
@@ -167,10 +167,10 @@ def _split_efficientnet(m: nn.Module, n: int) -> Split:
     def tail(x):
         return m.forward_head(m.bn2(m.conv_head(_run(head, x))))
 
-    return Split(prefix, tail, [*head, m.conv_head, m.bn2, m.get_classifier()])
+    return ModelCut(prefix, tail, [*head, m.conv_head, m.bn2, m.get_classifier()])
 
 
-def _split_resnet(m: nn.Module, n: int) -> Split:
+def _cut_resnet(m: nn.Module, n: int) -> ModelCut:
     blocks = _flat_blocks([m.layer1, m.layer2, m.layer3, m.layer4])
     head, trunk = blocks[len(blocks) - n :], blocks[: len(blocks) - n]
 
@@ -180,10 +180,10 @@ def _split_resnet(m: nn.Module, n: int) -> Split:
     def tail(x):
         return m.forward_head(_run(head, x))
 
-    return Split(prefix, tail, [*head, m.get_classifier()])
+    return ModelCut(prefix, tail, [*head, m.get_classifier()])
 
 
-def _split_vit(m: nn.Module, n: int) -> Split:
+def _cut_vit(m: nn.Module, n: int) -> ModelCut:
     blocks = list(m.blocks)
     head, trunk = blocks[len(blocks) - n :], blocks[: len(blocks) - n]
 
@@ -194,30 +194,30 @@ def _split_vit(m: nn.Module, n: int) -> Split:
     def tail(x):
         return m.forward_head(m.norm(_run(head, x)))
 
-    return Split(prefix, tail, [*head, m.norm, getattr(m, "fc_norm", nn.Identity()), m.get_classifier()])
+    return ModelCut(prefix, tail, [*head, m.norm, getattr(m, "fc_norm", nn.Identity()), m.get_classifier()])
 
 
-_BLOCK_SPLITTERS = {
-    "EfficientNet": _split_efficientnet,
-    "ResNet": _split_resnet,
-    "VisionTransformer": _split_vit,
+_BLOCK_CUTTERS = {
+    "EfficientNet": _cut_efficientnet,
+    "ResNet": _cut_resnet,
+    "VisionTransformer": _cut_vit,
 }
 
 
-def split_model(model: nn.Module, trainable: str, num_trainable_blocks: int) -> Split:
+def cut_model(model: nn.Module, trainable: str, num_trainable_blocks: int) -> ModelCut:
     """Cut `model` where training starts (see module docstring)."""
     if trainable == "all":
-        return Split(lambda x: x, model.forward, [model])  # a bound method: TailModule must not re-register model
+        return ModelCut(lambda x: x, model.forward, [model])  # a bound method: TailModule must not re-register model
     if trainable == "head":
-        return Split(model.forward_features, model.forward_head, [model.get_classifier()])
+        return ModelCut(model.forward_features, model.forward_head, [model.get_classifier()])
     kind = type(model).__name__
-    if kind not in _BLOCK_SPLITTERS:
+    if kind not in _BLOCK_CUTTERS:
         raise ModelError(
             f"model.trainable=last_blocks is not supported for {kind}; use model.trainable=all or head "
-            f"(last_blocks knows {', '.join(_BLOCK_SPLITTERS)})"
+            f"(last_blocks knows {', '.join(_BLOCK_CUTTERS)})"
         )
     num_blocks = len(list(model.blocks)) if kind == "VisionTransformer" else None
-    splitter = _BLOCK_SPLITTERS[kind]
+    cutter = _BLOCK_CUTTERS[kind]
     if num_blocks is None:
         stages = model.blocks if kind == "EfficientNet" else [model.layer1, model.layer2, model.layer3, model.layer4]
         num_blocks = len(_flat_blocks(stages))
@@ -226,7 +226,7 @@ def split_model(model: nn.Module, trainable: str, num_trainable_blocks: int) -> 
             f"model.num_trainable_blocks={num_trainable_blocks} but {model.default_cfg['architecture']} has "
             f"{num_blocks} blocks; use at most {num_blocks} or model.trainable=all"
         )
-    return splitter(model, num_trainable_blocks)
+    return cutter(model, num_trainable_blocks)
 
 
 # ---------------------------------------------------------------------------------------------- assembly
@@ -249,10 +249,10 @@ class TailModule(nn.Module):
 
 @dataclass
 class DPModel:
-    """A DP-ready backbone: the full model, its split, and the names of the parameters that train."""
+    """A DP-ready backbone: the full model, its cut, and the names of the parameters that train."""
 
     model: nn.Module
-    split: Split
+    cut: ModelCut
     tail_module: TailModule
     trainable_names: list[str]  # names in tail_module.named_parameters()
 
@@ -261,7 +261,7 @@ class DPModel:
         return {name: params[name] for name in self.trainable_names}
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.split.tail(self.split.prefix(x))
+        return self.cut.tail(self.cut.prefix(x))
 
 
 def build_dp_model(
@@ -289,22 +289,22 @@ def make_dp_model(
     trainable: str = "last_blocks",
     num_trainable_blocks: int = 1,
 ) -> DPModel:
-    """Fix `model` for DP, split it, and mark the trainable parameters. The model is left in eval mode."""
+    """Fix `model` for DP, cut it, and mark the trainable parameters. The model is left in eval mode."""
     if norm == "groupnorm":
         convert_batchnorm_to_groupnorm(model, groupnorm_groups)
     disable_inplace(model)
     model.eval()
-    split = split_model(model, trainable, num_trainable_blocks)
+    cut = cut_model(model, trainable, num_trainable_blocks)
     for param in model.parameters():
         param.requires_grad_(False)
-    for module in split.tail_modules:
+    for module in cut.tail_modules:
         for sub in module.modules():
             if norm == "freeze" and _is_batchnorm(sub):
                 continue  # frozen BN: eval statistics, affine not trained
             for param in sub.parameters(recurse=False):
                 param.requires_grad_(True)
-    tail_module = TailModule(model, split.tail)
+    tail_module = TailModule(model, cut.tail)
     trainable_names = [n for n, p in tail_module.named_parameters() if p.requires_grad]
     if not trainable_names:
         raise ModelError("nothing to train: model.trainable selects no parameter")
-    return DPModel(model, split, tail_module, trainable_names)
+    return DPModel(model, cut, tail_module, trainable_names)

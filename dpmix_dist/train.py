@@ -119,7 +119,7 @@ class Trainer:
         # One mid-grey image (not private data) through the engine now: what only shows when the model runs (a layer
         # run twice, an output overwritten in place) is refused here, where `auto` can still fall back.
         with torch.no_grad():
-            example = self.dp_model.split.prefix(self.inputs.mid_grey())
+            example = self.dp_model.cut.prefix(self.inputs.mid_grey())
         try:
             return LayerwiseClipper(self.dp_model.tail_module, self.params, example=example)
         except UnsupportedLayer as exc:
@@ -172,7 +172,7 @@ class Trainer:
         """Accuracy on the evaluation split (each rank scores its part; counts are summed)."""
         counts = torch.zeros(2, device=self.dist.device, dtype=torch.float64)
         for chunk in store.owned.split(self.config.performance.eval_batch_size):
-            logits = self.dp_model.split.tail(store.features(chunk))
+            logits = self.dp_model.cut.tail(store.features(chunk))
             counts[0] += (logits.argmax(1).cpu() == store.labels(chunk)).sum()
             counts[1] += len(chunk)
         self.dist.all_reduce_sum(counts)

@@ -20,7 +20,7 @@ def feats(split):
     with torch.no_grad():
         for i in range(0, len(split.labels), 500):
             x = to_model_input(np.asarray(split.images[i:i+500]), 32, cfg["mean"], cfg["std"]).contiguous(memory_format=torch.channels_last)
-            out.append(dp.split.prefix(x).flatten(1))
+            out.append(dp.cut.prefix(x).flatten(1))
     return torch.cat(out).numpy(), np.asarray(split.labels)
 syn = feats(load_split("data/fmnist_synthetic", "train", ".cache/dpmix"))
 val = feats(load_split("data/fashion_mnist_public", "validation", ".cache/dpmix"))

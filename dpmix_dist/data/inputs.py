@@ -119,7 +119,7 @@ class RunInputs:
                                    True, shards)  # fmt: skip
 
     def _example_store(self, data, owned: torch.Tensor, split: str, desc: str, caching: bool, shards: dict) -> ExampleStore:
-        perf, prefix = self.config.performance, self.dp_model.split.prefix
+        perf, prefix = self.config.performance, self.dp_model.cut.prefix
         cache_file = None
         if caching and perf.feature_cache_on_disk:  # reused by the next run on the same data and model (a sweep)
             m = self.config.model
@@ -160,7 +160,7 @@ class RunInputs:
         if self.config.performance.channels_last:
             flat = flat.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
-            features = self.dp_model.split.prefix(flat).unflatten(0, (b, members.shape[1]))
+            features = self.dp_model.cut.prefix(flat).unflatten(0, (b, members.shape[1]))
         if cached is not None:
             features = torch.cat([features[:, :k], cached.to(features.dtype), features[:, k:]], dim=1)
         return features, targets
