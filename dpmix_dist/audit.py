@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 
 from dpmix_dist.config import Config
-from dpmix_dist.errors import ConfigError
 from dpmix_dist.data.shards import Split, load_split
 from dpmix_dist.data.store import ExampleStore
+from dpmix_dist.errors import ConfigError
 from dpmix_dist.privacy import audit as stats
 from dpmix_dist.privacy.mechanism import PrivateGradient
 from dpmix_dist.privacy.sampling import poisson_mask
@@ -318,8 +318,18 @@ class AuditReport:
 
 def _report(kind: str, design: str, result: stats.AuditResult) -> CanaryReport:
     b = result.best
-    return CanaryReport(kind, design, result.num_canaries, result.num_included, b.num_guesses, b.num_correct, b.num_plus,
-                        b.num_minus, result.epsilon_lower_bound, len(result.settings))  # fmt: skip
+    return CanaryReport(
+        kind,
+        design,
+        result.num_canaries,
+        result.num_included,
+        b.num_guesses,
+        b.num_correct,
+        b.num_plus,
+        b.num_minus,
+        result.epsilon_lower_bound,
+        len(result.settings),
+    )
 
 
 MechanismHook = Callable[[PrivateGradient], PrivateGradient]
@@ -368,8 +378,9 @@ def run_audit(
     kinds: dict[str, tuple[object, np.ndarray, str]] = {}
     if settings.num_input_canaries:
         m = settings.num_input_canaries
-        split, design_note = input_canary_split(trainer.metadata, config.data.cache_dir, m,
-                                                derive_seed(audit_seed, "design", "input"))
+        split, design_note = input_canary_split(
+            trainer.metadata, config.data.cache_dir, m, derive_seed(audit_seed, "design", "input")
+        )
         included = bits.random(m) < 0.5
         canary_store = _canary_store(trainer, split)
         store = StoreWithCanaries(trainer.train_store, canary_store, included)
@@ -378,8 +389,10 @@ def run_audit(
     if settings.num_gradient_canaries:
         m, numel = settings.num_gradient_canaries, trainer.mechanism.numel
         if m > numel and settings.canary_direction == "dirac":
-            raise ConfigError(f"--gradient-canaries={m}: the model has only {numel} trainable parameters (one "
-                              "coordinate per Dirac canary); use fewer canaries or --canary-direction gaussian")  # fmt: skip
+            raise ConfigError(
+                f"--gradient-canaries={m}: the model has only {numel} trainable parameters (one "
+                "coordinate per Dirac canary); use fewer canaries or --canary-direction gaussian"
+            )
         included = bits.random(m) < 0.5
         direction = {}
         if settings.canary_direction == "dirac":
@@ -389,13 +402,21 @@ def run_audit(
             direction["directions"] = u / u.norm(dim=1, keepdim=True)
         mechanism = trainer.mechanism if broken_mechanism is None else broken_mechanism(trainer.mechanism)
         canaries = canaries_type(
-            mechanism, included, **direction, sample_rate=g.sample_rate,
-            canary_norm=settings.canary_norm or g.max_grad_norm, secure_sampling=config.privacy.secure_noise,
+            mechanism,
+            included,
+            **direction,
+            sample_rate=g.sample_rate,
+            canary_norm=settings.canary_norm or g.max_grad_norm,
+            secure_sampling=config.privacy.secure_noise,
             sampling_seed=derive_seed(secret_seed, "audit-canaries"),
-        )  # fmt: skip
+        )
         trainer.mechanism = canaries
         norm = settings.canary_norm or g.max_grad_norm
-        kinds["gradient"] = (canaries, included, f"{settings.canary_direction} directions, norm {norm:g} before clipping")
+        kinds["gradient"] = (
+            canaries,
+            included,
+            f"{settings.canary_direction} directions, norm {norm:g} before clipping",
+        )
     elif broken_mechanism is not None:
         trainer.mechanism = broken_mechanism(trainer.mechanism)
 
@@ -412,11 +433,19 @@ def run_audit(
         reports.append(_report(kind, design_note, result))
         saved[f"{kind}_scores"], saved[f"{kind}_included"] = scores, included
     report = AuditReport(
-        claimed_epsilon=summary["epsilon"], delta=g.delta, noise_multiplier=g.noise_multiplier,
-        sample_rate=g.sample_rate, steps=summary["steps"], max_grad_norm=g.max_grad_norm, accountant=g.accountant,
-        confidence=settings.confidence, canaries=tuple(reports), eval_accuracy=summary[trainer.accuracy_key],
-        eval_split=summary["eval_split"], seconds=round(time.time() - started, 1),
-    )  # fmt: skip
+        claimed_epsilon=summary["epsilon"],
+        delta=g.delta,
+        noise_multiplier=g.noise_multiplier,
+        sample_rate=g.sample_rate,
+        steps=summary["steps"],
+        max_grad_norm=g.max_grad_norm,
+        accountant=g.accountant,
+        confidence=settings.confidence,
+        canaries=tuple(reports),
+        eval_accuracy=summary[trainer.accuracy_key],
+        eval_split=summary["eval_split"],
+        seconds=round(time.time() - started, 1),
+    )
     if keep_scores:
         np.savez(output_dir / "audit_scores.npz", **saved)
     dist.close()
@@ -427,8 +456,14 @@ def _canary_store(trainer, split: Split) -> ExampleStore:
     """The input canaries as the trainer sees examples: the frozen prefix applied (and cached, as for private data)."""
     cfg = trainer.config
     caching = cfg.performance.cache_frozen_features and cfg.augment.method == "dpsgd"
-    return ExampleStore(split, torch.arange(len(split)), trainer.inputs.to_input, trainer.dp_model.cut.prefix,
-                        cache_features=caching, batch_size=cfg.performance.eval_batch_size)  # fmt: skip
+    return ExampleStore(
+        split,
+        torch.arange(len(split)),
+        trainer.inputs.to_input,
+        trainer.dp_model.cut.prefix,
+        cache_features=caching,
+        batch_size=cfg.performance.eval_batch_size,
+    )
 
 
 @torch.no_grad()
@@ -452,10 +487,12 @@ def format_report(report: AuditReport) -> str:
         flagged = c.epsilon_lower_bound > report.claimed_epsilon
         verdict = "FLAGGED: more leakage than claimed" if flagged else "consistent"
         lines.append(
-            f"{c.kind} canaries ({c.design}): m = {c.num_canaries}, {c.num_correct}/{c.num_guesses} guesses correct (k+ = "
-            f"{c.num_plus}, k- = {c.num_minus}, best of {c.settings_tested}); ε ≥ {c.epsilon_lower_bound:.2f} at "
+            f"{c.kind} canaries ({c.design}): m = {c.num_canaries}, {c.num_correct}/{c.num_guesses} guesses correct "
+            f"(k+ = {c.num_plus}, k- = {c.num_minus}, best of {c.settings_tested}); ε ≥ {c.epsilon_lower_bound:.2f} at "
             f"{report.confidence:.0%} confidence: {verdict}"
         )
-    lines.append(f"{report.eval_split} accuracy {report.eval_accuracy:.4f} (the model trained with its canaries); "
-                 f"{report.seconds:.0f} s")  # fmt: skip
+    lines.append(
+        f"{report.eval_split} accuracy {report.eval_accuracy:.4f} (the model trained with its canaries); "
+        f"{report.seconds:.0f} s"
+    )
     return "\n".join(lines)

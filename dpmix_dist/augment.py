@@ -46,8 +46,9 @@ class Draws:
     lams: np.ndarray  # (b, M) float64: λ of each mix, ~ Beta(α, α)
 
 
-def draw(spec: AugmentConfig, secret_seed: int, step: int, indices: torch.Tensor, num_synthetic_images: int,
-         padding: int) -> Draws:
+def draw(
+    spec: AugmentConfig, secret_seed: int, step: int, indices: torch.Tensor, num_synthetic_images: int, padding: int
+) -> Draws:
     """Each example's choices from its own generator (secret seed, "augment", step, global index); `padding` is
     the crop's reflect padding in pixels (`spec.padding_pixels(image_size)`)."""
     k, s, m = spec.num_views, spec.num_synthetic, spec.num_mixes
@@ -72,7 +73,9 @@ def draw(spec: AugmentConfig, secret_seed: int, step: int, indices: torch.Tensor
     return Draws(crops, padding, flips, synthetic, pairs, lams)
 
 
-def self_augment(x: torch.Tensor, crops: np.ndarray, flips: np.ndarray, spec: AugmentConfig, padding: int) -> torch.Tensor:
+def self_augment(
+    x: torch.Tensor, crops: np.ndarray, flips: np.ndarray, spec: AugmentConfig, padding: int
+) -> torch.Tensor:
     """(b, C, H, W) -> (b, K, C, H, W): view k of example r is x[r] reflect-padded by `padding` pixels, cropped at
     crops[r, k] and mirrored where flips[r, k] (each only if its transform is in `spec.transforms`). One gather for
     all views."""
@@ -125,11 +128,11 @@ class GroupBuilder:
         num_synthetic_images = len(self.synthetic) if self.synthetic is not None else 0
         return draw(self.spec, secret_seed, step, indices, num_synthetic_images, self.padding)
 
-    def build(
-        self, draws: Draws, images: np.ndarray, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def build(self, draws: Draws, images: np.ndarray, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Members (b, G, 3, S, S) and targets: class ids (b, G) for self_aug, soft labels (b, G, classes) else."""
-        views = self_augment(self._to_input(images), draws.crops, draws.flips, self.spec, draws.padding)  # (b, K, 3, S, S)
+        views = self_augment(
+            self._to_input(images), draws.crops, draws.flips, self.spec, draws.padding
+        )  # (b, K, 3, S, S)
         b, k = views.shape[:2]
         if not self.soft:
             return views, labels.view(b, 1).expand(b, k).to(views.device)

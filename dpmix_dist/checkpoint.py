@@ -53,18 +53,28 @@ def resume_record(g: Guarantee, num_train: int, train_shards: dict[str, str], pr
     """What a resumed run must share with the steps already taken: the guarantee and the data it was planned on,
     and the numerics (bf16 vs fp32 changes the model beyond rounding; the two engines agree to rounding, so
     `performance.engine` may change)."""
-    return {"num_train_examples": num_train, "train_shards_sha256": shards_digest(train_shards),
-            "sample_rate": g.sample_rate, "noise_multiplier": g.noise_multiplier, "max_grad_norm": g.max_grad_norm,
-            "steps": g.steps, "accountant": g.accountant, "delta": g.delta,
-            "expected_batch_size": g.expected_batch_size, "precision": precision}  # fmt: skip
+    return {
+        "num_train_examples": num_train,
+        "train_shards_sha256": shards_digest(train_shards),
+        "sample_rate": g.sample_rate,
+        "noise_multiplier": g.noise_multiplier,
+        "max_grad_norm": g.max_grad_norm,
+        "steps": g.steps,
+        "accountant": g.accountant,
+        "delta": g.delta,
+        "expected_batch_size": g.expected_batch_size,
+        "precision": precision,
+    }
 
 
 def save(output_dir: Path, state: State) -> None:
     def write(tmp: Path) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
-            fields = {k: getattr(state, k) for k in ("step", "secret_seed", "guarantee", "model", "optimizer",
-                                                       "scheduler", "history")}  # fmt: skip
+            fields = {
+                k: getattr(state, k)
+                for k in ("step", "secret_seed", "guarantee", "model", "optimizer", "scheduler", "history")
+            }
             torch.save({**fields, "config": state.settings}, f)  # no dataclasses.asdict: it deep-copies tensors
 
     atomic_write(output_dir / CHECKPOINT, write)
@@ -86,17 +96,23 @@ def load_for_resume(output_dir: Path, settings: dict, guarantee: dict, secret_se
     # a different guarantee (the data folder was rewritten with another N, or the accountant library changed).
     recorded = raw.get("guarantee")
     if recorded is None:
-        raise ValueError(f"--resume: {path} carries no guarantee record (written by an older version); start the "
-                         "run again in a new --output-dir")  # fmt: skip
+        raise ValueError(
+            f"--resume: {path} carries no guarantee record (written by an older version); start the "
+            "run again in a new --output-dir"
+        )
     if recorded != guarantee:
         changed = ", ".join(f"{k} {recorded.get(k)!r} -> {v!r}" for k, v in guarantee.items() if recorded.get(k) != v)
-        raise ValueError(f"--resume: {path} was planned under a different guarantee ({changed}); the steps "
-                         "already taken cannot be accounted together with these. Resume with the data and "
-                         "settings it was written with, or start again in a new --output-dir")  # fmt: skip
+        raise ValueError(
+            f"--resume: {path} was planned under a different guarantee ({changed}); the steps "
+            "already taken cannot be accounted together with these. Resume with the data and "
+            "settings it was written with, or start again in a new --output-dir"
+        )
     if raw["secret_seed"] != secret_seed:
         raise ValueError("--resume: internal error, the secret seed was not restored from the checkpoint")
-    return State(**{k: raw[k] for k in ("step", "secret_seed", "guarantee", "model", "optimizer", "scheduler",
-                                        "history")}, settings=raw["config"])  # fmt: skip
+    return State(
+        **{k: raw[k] for k in ("step", "secret_seed", "guarantee", "model", "optimizer", "scheduler", "history")},
+        settings=raw["config"],
+    )
 
 
 def read_seed(output_dir: Path) -> int | None:

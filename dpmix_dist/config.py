@@ -152,8 +152,8 @@ class AugmentConfig:
         k, m, s = self.num_views, self.num_mixes, self.num_synthetic
         check_bounds("augment", self, num_views=">= 1", num_mixes=">= 0", num_synthetic=">= 0")
         if not 0 <= self.crop_padding_fraction < 0.5:
-            _fail("augment.crop_padding_fraction", f"must be in [0, 0.5) (a fraction of data.image_size), got "
-                  f"{self.crop_padding_fraction}")  # fmt: skip
+            bad = self.crop_padding_fraction
+            _fail("augment.crop_padding_fraction", f"must be in [0, 0.5) (a fraction of data.image_size), got {bad}")
         check_bounds("augment", self, mix_alpha="> 0")
         unknown = [t for t in self.transforms if t not in TRANSFORMS]
         if unknown or len(set(self.transforms)) != len(self.transforms):
@@ -162,17 +162,17 @@ class AugmentConfig:
         if method == "dpsgd" and k != 1:
             _fail("augment.num_views", "dpsgd uses one view per example; set augment.num_views=1 (or method=self_aug)")
         if method == "dpmix_self" and k < 2:
-            _fail("augment.num_views", f"dpmix_self mixes two views of the same example; set augment.num_views >= 2, got {k}")
+            _fail("augment.num_views", f"dpmix_self mixes two views of one example; set it >= 2, got {k}")
         if method in ("dpsgd", "self_aug") and m:
             _fail("augment.num_mixes", f"{method} makes no mixes; set augment.num_mixes=0 (or method=dpmix_self)")
         if method in ("dpmix_self", "dpmix_diff") and not m:
             _fail("augment.num_mixes", f"{method} needs mixes; set augment.num_mixes >= 1")
         if method != "dpmix_diff" and (s or self.synthetic_root):
-            _fail("augment.num_synthetic", f"{method} uses no synthetic images; set augment.num_synthetic=0 and "
-                  "augment.synthetic_root='' (or method=dpmix_diff)")  # fmt: skip
+            fix = "set augment.num_synthetic=0 and augment.synthetic_root='' (or method=dpmix_diff)"
+            _fail("augment.num_synthetic", f"{method} uses no synthetic images; {fix}")
         if method == "dpmix_diff" and (not s or not self.synthetic_root):
-            _fail("augment.synthetic_root", "dpmix_diff needs augment.num_synthetic >= 1 and augment.synthetic_root "
-                  "(a folder written by launch/generate.py, e.g. data/fmnist_synthetic)")  # fmt: skip
+            need = "augment.num_synthetic >= 1 and augment.synthetic_root (a folder written by launch/generate.py"
+            _fail("augment.synthetic_root", f"dpmix_diff needs {need}, e.g. data/fmnist_synthetic)")
 
 
 @dataclass(frozen=True)
@@ -231,8 +231,8 @@ class PerformanceConfig:
     faster on these CPUs; results change only by float rounding)."""
 
     def __post_init__(self) -> None:
-        check_bounds("performance", self, micro_batch_size=">= 1", eval_batch_size=">= 1", feature_cache_max_gb="> 0",
-                     num_threads=">= 0")  # fmt: skip
+        check_bounds("performance", self, micro_batch_size=">= 1", eval_batch_size=">= 1", num_threads=">= 0")
+        check_bounds("performance", self, feature_cache_max_gb="> 0")
 
 
 @dataclass(frozen=True)
@@ -312,8 +312,8 @@ class Config:
         """Checks across sections. Settings that do nothing (`only_when`) are refused here when they differ from their
         defaults (a Config built in code); the loader refuses them when written at all."""
         if not self.privacy.enabled and self.tracking.register_as:
-            _fail("tracking.register_as", "a non-private run (privacy.enabled=false) has no guarantee to register; "
-                  "leave tracking.register_as empty")  # fmt: skip
+            why = "a non-private run (privacy.enabled=false) has no guarantee to register"
+            _fail("tracking.register_as", f"{why}; leave tracking.register_as empty")
         typed_yaml.refuse_unused(self, given=None)
 
 
@@ -338,8 +338,10 @@ def check_against_dataset(config: Config, num_train: int) -> None:
     """Checks that need N, the number of private training examples (from the shards' metadata)."""
     p = config.privacy
     if p.expected_batch_size > num_train:
-        _fail("privacy.expected_batch_size", f"{p.expected_batch_size} is larger than the data set ({num_train} "
-              "examples); lower it")  # fmt: skip
+        too_large = f"{p.expected_batch_size} is larger than the data set ({num_train} examples)"
+        _fail("privacy.expected_batch_size", f"{too_large}; lower it")
     if p.target_delta >= 1.0 / num_train:
-        _fail("privacy.target_delta", f"{p.target_delta:g} must be < 1/N = {1.0 / num_train:.3g} (N = {num_train}); a "
-              "δ that large allows releasing an example outright. Use e.g. 1e-5 or 1/(10·N)")  # fmt: skip
+        why = "a δ that large allows releasing an example outright. Use e.g. 1e-5 or 1/(10·N)"
+        _fail(
+            "privacy.target_delta", f"{p.target_delta:g} must be < 1/N = {1.0 / num_train:.3g} (N = {num_train}); {why}"
+        )

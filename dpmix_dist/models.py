@@ -27,8 +27,6 @@ from dpmix_dist.errors import ModelError
 PYPI_EFFICIENTNET_LITE0 = "pypi:efficientnet_lite0"
 
 
-
-
 # ---------------------------------------------------------------------------------------------- creation
 
 
@@ -277,8 +275,13 @@ def build_dp_model(
 ) -> DPModel:
     """Create a timm backbone by name and make it DP-ready (see `make_dp_model`)."""
     model = create_backbone(name, weights, num_classes, image_size)
-    return make_dp_model(model, norm=norm, groupnorm_groups=groupnorm_groups, trainable=trainable,
-                         num_trainable_blocks=num_trainable_blocks)
+    return make_dp_model(
+        model,
+        norm=norm,
+        groupnorm_groups=groupnorm_groups,
+        trainable=trainable,
+        num_trainable_blocks=num_trainable_blocks,
+    )
 
 
 def make_dp_model(

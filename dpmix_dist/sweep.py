@@ -2,7 +2,8 @@
 
     python launch/sweep.py --config fmnist_effnet_lite0 --epsilons 1,2,4,8
     python launch/sweep.py --config fmnist_effnet_lite0 --epsilons 1,2,8 --methods dpsgd --seeds 0,1 data.image_size=32
-    python launch/sweep.py --config NAME --epsilons 1,8 --launcher "accelerate launch --config_file configs/accelerate/gpu_8.yaml"
+    python launch/sweep.py --config NAME --epsilons 1,8 \
+        --launcher "accelerate launch --config_file configs/accelerate/gpu_8.yaml"
     python launch/sweep.py --config fmnist_effnet_lite0 --epsilons 1,2,8 --methods dpsgd,self_aug --non-private dpsgd \
         self_aug:augment.num_views=3      # METHOD:KEY=VALUE applies to that method's runs only
 
@@ -59,14 +60,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="configs/NAME(.yaml) or a path (the base of every run)")
     parser.add_argument("--epsilons", type=_floats, required=True, help="target ε values, e.g. 1,2,4,8")
     parser.add_argument("--methods", type=_names, default=None, help="augment.method values (default: the config's)")
-    parser.add_argument("--non-private", type=_names, default=[], metavar="METHODS",
-                        help="also run these methods without privacy (the ceiling), once per replicate")
+    parser.add_argument(
+        "--non-private",
+        type=_names,
+        default=[],
+        metavar="METHODS",
+        help="also run these methods without privacy (the ceiling), once per replicate",
+    )
     parser.add_argument("--seeds", type=_names, default=["0"], help="replicate labels, e.g. 0,1,2 (not seeds)")
     parser.add_argument("--output-dir", type=Path, default=None, help="default: runs/sweep-CONFIG")
-    parser.add_argument("--launcher", default="",
-                        help="command prefix for each run, e.g. 'accelerate launch --config_file ...' (default: this python)")
-    parser.add_argument("overrides", nargs="*", metavar="[METHOD:]KEY=VALUE",
-                        help="dotted overrides for every run, or only for METHOD's runs")
+    parser.add_argument(
+        "--launcher",
+        default="",
+        help="command prefix for each run, e.g. 'accelerate launch --config_file ...' (default: this python)",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="[METHOD:]KEY=VALUE",
+        help="dotted overrides for every run, or only for METHOD's runs",
+    )
     args = parser.parse_args(argv)
     if args.output_dir is None:
         args.output_dir = Path("runs") / f"sweep-{Path(args.config).stem}"
@@ -75,10 +88,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _combinations(args: argparse.Namespace, default_method: str) -> list[dict]:
     methods = args.methods or [default_method]
-    private = [{"method": m, "epsilon": e, "replicate": r, "name": f"{m}-eps{e:g}-rep{r}"}
-               for m in methods for e in args.epsilons for r in args.seeds]  # fmt: skip
-    return private + [{"method": m, "epsilon": math.inf, "replicate": r, "name": f"{m}-nonprivate-rep{r}"}
-                      for m in args.non_private for r in args.seeds]  # fmt: skip
+    private = [
+        {"method": m, "epsilon": e, "replicate": r, "name": f"{m}-eps{e:g}-rep{r}"}
+        for m in methods
+        for e in args.epsilons
+        for r in args.seeds
+    ]
+    return private + [
+        {"method": m, "epsilon": math.inf, "replicate": r, "name": f"{m}-nonprivate-rep{r}"}
+        for m in args.non_private
+        for r in args.seeds
+    ]
 
 
 def _split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[str]]]:
@@ -105,17 +125,32 @@ def _table(rows: list[dict]) -> tuple[str, str, dict]:
     """CSV of every run, a Markdown table of mean ± std per (method, ε), and the series for the plot."""
     buffer = io.StringIO()
     metric = next(k for k in rows[0] if k.endswith("_accuracy"))  # test_accuracy, or validation_accuracy when tuning
-    writer = csv.DictWriter(buffer, fieldnames=["method", "target_epsilon", "replicate", metric, "epsilon_spent",
-                                                "delta", "steps", "noise_multiplier", "num_train_examples", "group_size",
-                                                "train_seconds"])  # fmt: skip
+    writer = csv.DictWriter(
+        buffer,
+        fieldnames=[
+            "method",
+            "target_epsilon",
+            "replicate",
+            metric,
+            "epsilon_spent",
+            "delta",
+            "steps",
+            "noise_multiplier",
+            "num_train_examples",
+            "group_size",
+            "train_seconds",
+        ],
+    )
     writer.writeheader()
     for row in rows:
         writer.writerow({k: row[k] for k in writer.fieldnames})
     methods = sorted({r["method"] for r in rows})
     epsilons = sorted({r["target_epsilon"] for r in rows})
     series: dict[str, list[tuple[float, float, float, int]]] = {}
-    lines = ["| method | " + " | ".join("non-private" if math.isinf(e) else f"ε = {e:g}" for e in epsilons) + " |",
-             "|---|" + "---|" * len(epsilons)]  # fmt: skip
+    lines = [
+        "| method | " + " | ".join("non-private" if math.isinf(e) else f"ε = {e:g}" for e in epsilons) + " |",
+        "|---|" + "---|" * len(epsilons),
+    ]
     for method in methods:
         cells = []
         for e in epsilons:
@@ -165,7 +200,9 @@ def plan(args: argparse.Namespace) -> tuple[Config, list[dict], list[str], dict[
     combos = _combinations(args, default_method)
     unknown = sorted(set(scoped) - {c["method"] for c in combos})
     if unknown:
-        raise ConfigError(f"overrides for {', '.join(unknown)}, which this sweep does not run (--methods / --non-private)")
+        raise ConfigError(
+            f"overrides for {', '.join(unknown)}, which this sweep does not run (--methods / --non-private)"
+        )
     kinds = {(c["method"], math.isinf(c["epsilon"])): c for c in combos}
     configs = [load_config(args.config, _run_overrides(common, scoped, combo)) for combo in kinds.values()]
     return configs[0], combos, common, scoped
@@ -183,8 +220,13 @@ def _sweep(args: argparse.Namespace) -> int:
     check_uri(uri)
     out = args.output_dir
     state_path = out / "sweep.json"
-    request = {"config": args.config, "overrides": args.overrides, "combinations": [c["name"] for c in combos],
-               "uri": uri, "experiment": config.tracking.experiment}  # fmt: skip
+    request = {
+        "config": args.config,
+        "overrides": args.overrides,
+        "combinations": [c["name"] for c in combos],
+        "uri": uri,
+        "experiment": config.tracking.experiment,
+    }
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     from mlflow.tracking import MlflowClient
 
@@ -199,13 +241,22 @@ def _sweep(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         try:
             exp_id = experiment_id(client, uri, config.tracking.experiment)
-            parent = client.create_run(exp_id, run_name=f"sweep-{Path(args.config).stem}", tags={
-                "sweep.config": Path(args.config).stem, "sweep.epsilons": ",".join(f"{e:g}" for e in args.epsilons),
-                "sweep.methods": ",".join(sorted({c["method"] for c in combos})),
-                "sweep.replicates": ",".join(args.seeds), "sweep.overrides": " ".join(args.overrides)})  # fmt: skip
+            parent = client.create_run(
+                exp_id,
+                run_name=f"sweep-{Path(args.config).stem}",
+                tags={
+                    "sweep.config": Path(args.config).stem,
+                    "sweep.epsilons": ",".join(f"{e:g}" for e in args.epsilons),
+                    "sweep.methods": ",".join(sorted({c["method"] for c in combos})),
+                    "sweep.replicates": ",".join(args.seeds),
+                    "sweep.overrides": " ".join(args.overrides),
+                },
+            )
         except Exception as exc:  # noqa: BLE001 - no parent run, no sweep: say why
-            raise ConfigError(f"tracking.uri {uri}: cannot create the sweep's parent run ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:200]}); is the server up?") from None  # fmt: skip
+            raise ConfigError(
+                f"tracking.uri {uri}: cannot create the sweep's parent run ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:200]}); is the server up?"
+            ) from None
         parent_id = parent.info.run_id
         state_path.write_text(json.dumps({"request": request, "parent_run_id": parent_id}, indent=2))
 
@@ -221,10 +272,19 @@ def _sweep(args: argparse.Namespace) -> int:
         resume = (run_dir / "checkpoint.pt").is_file()
         if run_dir.exists() and not resume:  # a run that died before its first checkpoint: start it again
             shutil.rmtree(run_dir)
-        cmd = [*launcher, str(REPO / "launch/finetune.py"), "--config", args.config, "--output-dir", str(run_dir),
-               *_run_overrides(common, scoped, combo), f"tracking.uri={uri}", f"tracking.parent_run_id={parent_id}",
-               f"tracking.run_name={combo['name']}",
-               *(["--resume"] if resume else [])]  # fmt: skip
+        cmd = [
+            *launcher,
+            str(REPO / "launch/finetune.py"),
+            "--config",
+            args.config,
+            "--output-dir",
+            str(run_dir),
+            *_run_overrides(common, scoped, combo),
+            f"tracking.uri={uri}",
+            f"tracking.parent_run_id={parent_id}",
+            f"tracking.run_name={combo['name']}",
+            *(["--resume"] if resume else []),
+        ]
         print(f"[{i}/{len(combos)}] {combo['name']}{' (resuming)' if resume else ''}", flush=True)
         proc = subprocess.Popen(cmd)
         interrupted = False
@@ -239,31 +299,51 @@ def _sweep(args: argparse.Namespace) -> int:
             client.set_terminated(parent_id, status="KILLED")
             return 130
         if code != 0:
-            print(f"error: {combo['name']} failed (exit {code}); fix it and run the same command again", file=sys.stderr)
+            print(
+                f"error: {combo['name']} failed (exit {code}); fix it and run the same command again", file=sys.stderr
+            )
             client.set_terminated(parent_id, status="FAILED")
             return 2
 
     rows = []
     for combo in combos:
         s = summary_json.read(out / combo["name"] / "summary.json")
-        rows.append({"method": combo["method"], "target_epsilon": combo["epsilon"], "replicate": combo["replicate"],
-                     f"{s['eval_split']}_accuracy": s[f"{s['eval_split']}_accuracy"], "epsilon_spent": s["epsilon"],
-                     "delta": s["delta"], "steps": s["steps"], "noise_multiplier": s["noise_multiplier"],
-                     "num_train_examples": s["num_train_examples"], "group_size": s["group_size"],
-                     "train_seconds": s["train_seconds"]})  # fmt: skip
+        rows.append(
+            {
+                "method": combo["method"],
+                "target_epsilon": combo["epsilon"],
+                "replicate": combo["replicate"],
+                f"{s['eval_split']}_accuracy": s[f"{s['eval_split']}_accuracy"],
+                "epsilon_spent": s["epsilon"],
+                "delta": s["delta"],
+                "steps": s["steps"],
+                "noise_multiplier": s["noise_multiplier"],
+                "num_train_examples": s["num_train_examples"],
+                "group_size": s["group_size"],
+                "train_seconds": s["train_seconds"],
+            }
+        )
     table_csv, table_md, series = _table(rows)
     (out / "results.csv").write_text(table_csv)
     (out / "results.md").write_text(table_md)
-    shown = [o for o in args.overrides if not o.startswith(("tracking.", "run.", "performance.", "data.root", "data.cache"))]
+    shown = [
+        o for o in args.overrides if not o.startswith(("tracking.", "run.", "performance.", "data.root", "data.cache"))
+    ]
     metric = next(k for k in rows[0] if k.endswith("_accuracy"))
-    _plot(series, out / "accuracy_vs_epsilon.png",
-          f"{Path(args.config).stem} ({len(args.seeds)} replicate(s)) {' '.join(shown)}"[:80], metric)
+    _plot(
+        series,
+        out / "accuracy_vs_epsilon.png",
+        f"{Path(args.config).stem} ({len(args.seeds)} replicate(s)) {' '.join(shown)}"[:80],
+        metric,
+    )
     for name in ("results.csv", "results.md", "accuracy_vs_epsilon.png"):
         client.log_artifact(parent_id, str(out / name))
     client.set_terminated(parent_id, status="FINISHED")
     print(table_md)
-    print(f"sweep done in {time.time() - started:.0f} s: {len(combos)} runs under parent run {parent_id} ({uri}); "
-          f"{out}/results.csv, results.md, accuracy_vs_epsilon.png")  # fmt: skip
+    print(
+        f"sweep done in {time.time() - started:.0f} s: {len(combos)} runs under parent run {parent_id} ({uri}); "
+        f"{out}/results.csv, results.md, accuracy_vs_epsilon.png"
+    )
     return 0
 
 

@@ -40,8 +40,10 @@ def check_uri(uri: str) -> None:
     parsed = urllib.parse.urlparse(uri)
     scheme = parsed.scheme.split("+")[0]
     if scheme not in SCHEMES:
-        raise ConfigError(f"tracking.uri: {uri!r} has no supported scheme ({', '.join(SCHEMES)}); e.g. "
-                          f"{DEFAULT_URI} or http://127.0.0.1:5000")  # fmt: skip
+        raise ConfigError(
+            f"tracking.uri: {uri!r} has no supported scheme ({', '.join(SCHEMES)}); e.g. "
+            f"{DEFAULT_URI} or http://127.0.0.1:5000"
+        )
     if scheme in ("http", "https"):
         try:
             parsed.port  # noqa: B018 - parsing it is the check
@@ -72,7 +74,9 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
 @functools.cache  # asked at the start and the end of a run; git need not run twice
 def code_version() -> str:
     try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True, timeout=5
+        )
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
@@ -134,7 +138,9 @@ class Tracker:
     def __init__(self, cfg: TrackingConfig, output_dir: Path, log: Callable[[str], None] = print) -> None:
         # Fail fast per request; our own queue does the retrying (mlflow's default retries take minutes).
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, math.ceil(cfg.request_timeout_s))))  # int seconds
+        os.environ.setdefault(
+            "MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, math.ceil(cfg.request_timeout_s)))
+        )  # int seconds
         from mlflow.tracking import MlflowClient
 
         global _TRANSIENT
@@ -167,8 +173,10 @@ class Tracker:
             except _TRANSIENT as exc:  # the server is away or failing: keep training, keep the op for later
                 self._last_failure = time.time()
                 if not self._warned:
-                    self.log(f"MLflow at {self.uri} unreachable ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
-                             f"training goes on, metrics are kept in {self.journal} and sent when it answers")  # fmt: skip
+                    self.log(
+                        f"MLflow at {self.uri} unreachable ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+                        f"training goes on, metrics are kept in {self.journal} and sent when it answers"
+                    )
                     self._warned = True
                 return False
             self._queue.pop(0)
@@ -224,9 +232,12 @@ class Tracker:
 
     def finish(self, summary: dict, model, example_input, guarantee_tags: dict[str, str]) -> None:
         """Artifacts (config, summary, accuracy-vs-ε plot), the model with its signature, the registry entry."""
-        plot = accuracy_plot(summary.get("history", []), self.output_dir / "accuracy_vs_epsilon.png",
-                             f"{summary['model']} on {summary['dataset']}, {summary['method']}, "
-                             f"ε={summary['epsilon']:.2f}, δ={summary['delta']:g}")  # fmt: skip
+        plot = accuracy_plot(
+            summary.get("history", []),
+            self.output_dir / "accuracy_vs_epsilon.png",
+            f"{summary['model']} on {summary['dataset']}, {summary['method']}, "
+            f"ε={summary['epsilon']:.2f}, δ={summary['delta']:g}",
+        )
 
         split = summary.get("eval_split", "test")
 
@@ -250,8 +261,14 @@ class Tracker:
             with mlflow.start_run(run_id=self.run_id):  # attach to our run; status is set below, not here
                 # pickle, not mlflow 3's default pt2 (torch.export): an exported program is fixed to the example's
                 # batch size and cannot leave eval mode, so it would not be the model users expect to load.
-                info = mlflow.pytorch.log_model(model, name="model", signature=signature, serialization_format="pickle",
-                                                input_example=example_input.numpy(), registered_model_name=name)  # fmt: skip
+                info = mlflow.pytorch.log_model(
+                    model,
+                    name="model",
+                    signature=signature,
+                    serialization_format="pickle",
+                    input_example=example_input.numpy(),
+                    registered_model_name=name,
+                )
             if name:
                 self.model_version = str(info.registered_model_version)
                 for key, value in guarantee_tags.items():
@@ -260,8 +277,9 @@ class Tracker:
                     f"({summary['epsilon']:.3f}, {summary['delta']:g})-DP ({summary['accountant']} accountant) on "
                     f"{summary['dataset']} ({summary['num_train_examples']} private examples), method "
                     f"{summary['method']}, σ={summary['noise_multiplier']:.4f}, q={summary['sample_rate']:.5g}, "
-                    f"{summary['steps']} steps, C={summary['max_grad_norm']:g}; {split} accuracy {summary[f'{split}_accuracy']:.4f}"
-                )  # fmt: skip
+                    f"{summary['steps']} steps, C={summary['max_grad_norm']:g}; "
+                    f"{split} accuracy {summary[f'{split}_accuracy']:.4f}"
+                )
                 self.client.update_model_version(name, self.model_version, description=description)
 
         def final_metrics() -> None:
@@ -284,9 +302,11 @@ class Tracker:
         while not self.flush(force=True) and time.time() < deadline:
             time.sleep(min(self.cfg.retry_every_s, max(deadline - time.time(), 0)))
         if self._queue:
-            self.log(f"MLflow at {self.uri}: could not send {', '.join(w for w, _ in self._queue)} within "
-                     f"{self.cfg.flush_timeout_s:g} s; every metric is in {self.journal}, the model in "
-                     f"{self.output_dir / 'model.safetensors'}")  # fmt: skip
+            self.log(
+                f"MLflow at {self.uri}: could not send {', '.join(w for w, _ in self._queue)} within "
+                f"{self.cfg.flush_timeout_s:g} s; every metric is in {self.journal}, the model in "
+                f"{self.output_dir / 'model.safetensors'}"
+            )
 
     def end_interrupted(self) -> None:
         def end() -> None:
@@ -317,4 +337,3 @@ def guarantee_tags(summary_or_guarantee: dict, config: Config, dataset: str, wor
         "world_size": str(world_size),
         "code_version": code_version(),
     }
-

@@ -23,11 +23,11 @@ from dpmix_dist.data.store import ExampleStore
 from dpmix_dist.distributed import Distributed
 from dpmix_dist.errors import DataError
 from dpmix_dist.models import build_dp_model, check_model_name
+from dpmix_dist.optim import build_optimizer
 from dpmix_dist.privacy.clipping import per_example_grads
 from dpmix_dist.privacy.guarantee import Guarantee, plan
 from dpmix_dist.privacy.layerwise import LayerwiseClipper, UnsupportedLayer
 from dpmix_dist.privacy.mechanism import PrivateGradient
-from dpmix_dist.optim import build_optimizer
 from dpmix_dist.privacy.sampling import sample_local
 
 NOT_PRIVATE_LOSS = "train_loss_not_private"  # the one unprotected value, only with tracking.log_train_loss=true
@@ -36,9 +36,17 @@ NOT_PRIVATE_LOSS = "train_loss_not_private"  # the one unprotected value, only w
 def plan_guarantee(config: Config, num_train: int) -> Guarantee:
     """The run's guarantee from its privacy section and the number of private examples (privacy/guarantee.py)."""
     p = config.privacy
-    return plan(num_train, expected_batch_size=p.expected_batch_size, epochs=p.epochs, target_epsilon=p.target_epsilon,
-                delta=p.target_delta, max_grad_norm=p.max_grad_norm, accountant=p.accountant,
-                noise_multiplier=p.noise_multiplier, private=p.enabled)  # fmt: skip
+    return plan(
+        num_train,
+        expected_batch_size=p.expected_batch_size,
+        epochs=p.epochs,
+        target_epsilon=p.target_epsilon,
+        delta=p.target_delta,
+        max_grad_norm=p.max_grad_norm,
+        accountant=p.accountant,
+        noise_multiplier=p.noise_multiplier,
+        private=p.enabled,
+    )
 
 
 class Trainer:
@@ -63,8 +71,10 @@ class Trainer:
         self.num_train = self.metadata["splits"]["train"]["num_examples"]
         eval_split = config.data.eval_split
         if eval_split not in self.metadata["splits"]:
-            raise DataError(f"data.eval_split={eval_split}: {config.data.root} has no {eval_split} split; write one with "
-                            "launch/prepare_data.py --validation-count N (carved from the public part), or use test")  # fmt: skip
+            raise DataError(
+                f"data.eval_split={eval_split}: {config.data.root} has no {eval_split} split; write one with "
+                "launch/prepare_data.py --validation-count N (carved from the public part), or use test"
+            )
         self.accuracy_key = f"{eval_split}_accuracy"
         check_against_dataset(config, self.num_train)
         check_model_name(config.model.name)  # before σ calibration, which takes seconds
@@ -73,9 +83,15 @@ class Trainer:
         # --- model
         m = config.model
         self.dp_model = build_dp_model(
-            m.name, m.weights, self.metadata["num_classes"], norm=m.norm, groupnorm_groups=m.groupnorm_groups,
-            trainable=m.trainable, num_trainable_blocks=m.num_trainable_blocks, image_size=config.data.image_size,
-        )  # fmt: skip
+            m.name,
+            m.weights,
+            self.metadata["num_classes"],
+            norm=m.norm,
+            groupnorm_groups=m.groupnorm_groups,
+            trainable=m.trainable,
+            num_trainable_blocks=m.num_trainable_blocks,
+            image_size=config.data.image_size,
+        )
         self.dp_model.model.to(dist.device)
         if config.performance.channels_last:
             self.dp_model.model.to(memory_format=torch.channels_last)
@@ -98,7 +114,9 @@ class Trainer:
         self.engine = self._choose_engine(config.performance.engine)
         self._autocast = torch.bfloat16 if config.performance.precision == "bf16" else None
         if self._autocast is not None and self.engine is None:
-            raise ConfigError("performance.precision=bf16 needs the layer-wise engine (performance.engine=auto/layerwise)")
+            raise ConfigError(
+                "performance.precision=bf16 needs the layer-wise engine (performance.engine=auto/layerwise)"
+            )
         self.step = 0
         self.history: list[dict] = []
         self.on_eval = None  # main process: called with each history record (e.g. the MLflow tracker)
@@ -139,8 +157,9 @@ class Trainer:
         g = self.guarantee
         if self.step >= g.steps:
             raise RuntimeError(f"step {self.step} would exceed the planned {g.steps} steps (and the target ε)")
-        sampled = sample_local(self._secret_seed, self.step, store.owned, self.num_train, g.sample_rate,
-                               self.config.privacy.secure_noise)
+        sampled = sample_local(
+            self._secret_seed, self.step, store.owned, self.num_train, g.sample_rate, self.config.privacy.secure_noise
+        )
         self.mechanism.begin_step(self.step)
         loss_sum = 0.0  # tracking.log_train_loss only
         for chunk in sampled.split(self.config.performance.micro_batch_size):
@@ -194,7 +213,9 @@ class Trainer:
             while self.step < g.steps:
                 self.train_step(train_store)
                 if self.step % eval_every == 0 or self.step == g.steps:
-                    self.dist.check_identical(torch.cat([p.detach().flatten() for p in self.params.values()]), "parameters")
+                    self.dist.check_identical(
+                        torch.cat([p.detach().flatten() for p in self.params.values()]), "parameters"
+                    )
                     epsilon, accuracy = g.epsilon(self.step), self.evaluate(eval_store)
                     record = {"step": self.step, "epsilon": epsilon, self.accuracy_key: accuracy}
                     if self._loss_acc is not None:
@@ -202,11 +223,16 @@ class Trainer:
                     self.history.append(record)
                     if self.on_eval is not None:
                         self.dist.on_main(self.on_eval, record)
-                    bar.write(f"step {self.step}/{g.steps}  ε={epsilon:.3f}  {self.config.data.eval_split} accuracy {accuracy:.4f}")
+                    bar.write(
+                        f"step {self.step}/{g.steps}  ε={epsilon:.3f}  "
+                        f"{self.config.data.eval_split} accuracy {accuracy:.4f}"
+                    )
                 if self.step % ckpt_every == 0 and self.step < g.steps:
                     self._save_checkpoint()
                 if g.private and not bar.disable:  # the guarantee only: nothing computed from the private batch
-                    bar.set_postfix_str(f"ε ≤ {g.epsilon_bound(self.step):.2f} of {self.config.privacy.target_epsilon:g}")
+                    bar.set_postfix_str(
+                        f"ε ≤ {g.epsilon_bound(self.step):.2f} of {self.config.privacy.target_epsilon:g}"
+                    )
                 bar.update(1)
                 if self.dist.any_rank(stop.requested) and self.step < g.steps:  # every rank stops at the same step
                     self._save_checkpoint()
@@ -227,19 +253,36 @@ class Trainer:
     def _finish(self, accuracy: float, seconds: float) -> dict:
         g, a = self.guarantee, self.config.augment
         final_epsilon = g.epsilon(self.step)
-        if g.private and final_epsilon > self.config.privacy.target_epsilon:  # cannot happen by construction; never publish it
+        if (
+            g.private and final_epsilon > self.config.privacy.target_epsilon
+        ):  # cannot happen by construction; never publish it
             raise RuntimeError(f"spent ε={final_epsilon} > target {self.config.privacy.target_epsilon}")
         summary = {
-            self.accuracy_key: accuracy, "eval_split": self.config.data.eval_split, "epsilon": final_epsilon,
-            "delta": g.delta, "accountant": g.accountant, "noise_multiplier": g.noise_multiplier,
-            "sample_rate": g.sample_rate, "steps": self.step, "expected_batch_size": g.expected_batch_size,
-            "max_grad_norm": g.max_grad_norm, "world_size": self.dist.world_size, "device": self.dist.device.type,
-            "method": a.method, "private": g.private, "num_views": a.num_views, "num_mixes": a.num_mixes,
-            "num_synthetic": a.num_synthetic, "group_size": self.groups.group_size if self.groups is not None else 1,
-            "model": self.config.model.name, "dataset": self.metadata["name"], "num_train_examples": self.num_train,
-            "trainable_parameters": sum(p.numel() for p in self.params.values()), "train_seconds": round(seconds, 1),
+            self.accuracy_key: accuracy,
+            "eval_split": self.config.data.eval_split,
+            "epsilon": final_epsilon,
+            "delta": g.delta,
+            "accountant": g.accountant,
+            "noise_multiplier": g.noise_multiplier,
+            "sample_rate": g.sample_rate,
+            "steps": self.step,
+            "expected_batch_size": g.expected_batch_size,
+            "max_grad_norm": g.max_grad_norm,
+            "world_size": self.dist.world_size,
+            "device": self.dist.device.type,
+            "method": a.method,
+            "private": g.private,
+            "num_views": a.num_views,
+            "num_mixes": a.num_mixes,
+            "num_synthetic": a.num_synthetic,
+            "group_size": self.groups.group_size if self.groups is not None else 1,
+            "model": self.config.model.name,
+            "dataset": self.metadata["name"],
+            "num_train_examples": self.num_train,
+            "trainable_parameters": sum(p.numel() for p in self.params.values()),
+            "train_seconds": round(seconds, 1),
             "history": self.history,
-        }  # fmt: skip
+        }
         self.dist.on_main(checkpoint.write_outputs, self.output_dir, self.dp_model.model, summary)
         self.dist.barrier()
         return summary
@@ -248,11 +291,21 @@ class Trainer:
 
     def _save_checkpoint(self) -> None:
         """A private artifact (it holds the secret seed), written by the main process (checkpoint.py)."""
-        self.dist.on_main(lambda: checkpoint.save(self.output_dir, checkpoint.State(
-            step=self.step, secret_seed=self._secret_seed, settings=checkpoint.mechanism_sections(self.config),
-            guarantee=self._resume_record(), model={name: p.detach().cpu() for name, p in self.params.items()},
-            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(), history=self.history,
-        )))  # fmt: skip
+        self.dist.on_main(
+            lambda: checkpoint.save(
+                self.output_dir,
+                checkpoint.State(
+                    step=self.step,
+                    secret_seed=self._secret_seed,
+                    settings=checkpoint.mechanism_sections(self.config),
+                    guarantee=self._resume_record(),
+                    model={name: p.detach().cpu() for name, p in self.params.items()},
+                    optimizer=self.optimizer.state_dict(),
+                    scheduler=self.scheduler.state_dict(),
+                    history=self.history,
+                ),
+            )
+        )
 
     def _resume_record(self) -> dict:
         train_shards = self.metadata["splits"]["train"]["shards"]
@@ -260,8 +313,9 @@ class Trainer:
 
     def resume(self) -> None:
         """Continue from the checkpoint in the output folder (same guarantee and training settings required)."""
-        state = checkpoint.load_for_resume(self.output_dir, checkpoint.mechanism_sections(self.config),
-                                           self._resume_record(), self._secret_seed)  # fmt: skip
+        state = checkpoint.load_for_resume(
+            self.output_dir, checkpoint.mechanism_sections(self.config), self._resume_record(), self._secret_seed
+        )
         with torch.no_grad():
             for name, value in state.model.items():
                 self.params[name].copy_(value)

@@ -214,9 +214,11 @@ def load_yaml_config(cls: type, name: str, overrides: list[str] | tuple[str, ...
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.object[exc.start]:#04x} at position {exc.start}); "
-                          "a config is YAML text: save it as UTF-8, or check that the path names the config "
-                          "and not another file") from None  # fmt: skip
+        raise ConfigError(
+            f"{path}: not a UTF-8 text file (byte {exc.object[exc.start]:#04x} at position {exc.start}); "
+            "a config is YAML text: save it as UTF-8, or check that the path names the config "
+            "and not another file"
+        ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
     if not isinstance(raw, dict):

@@ -1,6 +1,6 @@
 """One-run privacy audit: train once with canaries, bound ε from below (`--help`; dpmix_dist/commands/audit.py).
 
-    python launch/audit.py --config fmnist_effnet_lite0 --gradient-canaries 5000 --input-canaries 1000
+python launch/audit.py --config fmnist_effnet_lite0 --gradient-canaries 5000 --input-canaries 1000
 """
 
 import sys

@@ -1,7 +1,7 @@
 """Render synthetic images per class, DP-Mix_Diff's public pool (`--help` explains; dpmix_dist/commands/generate.py).
 
-    python launch/generate.py --config fmnist_ddpm               # offline: the generator of train_diffusion.py
-    accelerate launch launch/generate.py --config cifar100_sd    # Stable Diffusion, one slice per GPU
+python launch/generate.py --config fmnist_ddpm               # offline: the generator of train_diffusion.py
+accelerate launch launch/generate.py --config cifar100_sd    # Stable Diffusion, one slice per GPU
 """
 
 import sys

@@ -1,6 +1,6 @@
 """Train the offline diffusion generator on PUBLIC images (`--help` explains; dpmix_dist/commands/train_generator.py).
 
-    python launch/train_diffusion.py --config fmnist_ddpm
+python launch/train_diffusion.py --config fmnist_ddpm
 """
 
 import sys

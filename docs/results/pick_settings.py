@@ -47,8 +47,10 @@ def main(argv: list[str]) -> None:
     elif what == "lr":
         print(best(out, "lr", argv[2]))
     else:
-        for kind, values, methods in (("crop", CROPS, ["self_aug"]),
-                                      ("lr", LRS, ["dpsgd", "self_aug", "dpmix_self", "dpmix_diff"])):  # fmt: skip
+        for kind, values, methods in (
+            ("crop", CROPS, ["self_aug"]),
+            ("lr", LRS, ["dpsgd", "self_aug", "dpmix_self", "dpmix_diff"]),
+        ):
             for method in methods:
                 scores = {}
                 for v in values:

@@ -33,12 +33,24 @@ def _finished(runs: Path, pattern: str) -> list[dict]:
     for path in sorted(runs.glob(f"{pattern}/*/summary.json")):
         s = summary_json.read(path)
         _, eps, rep = path.parent.name.rsplit("-", 2)
-        rows.append({"method": s["method"], "target_epsilon": math.inf if eps == "nonprivate" else float(eps[3:]),
-                     "replicate": rep[3:], "test_accuracy": s["test_accuracy"], "epsilon_spent": s["epsilon"],
-                     "delta": s["delta"], "steps": s["steps"], "noise_multiplier": s["noise_multiplier"],
-                     "num_train_examples": s["num_train_examples"], "group_size": s["group_size"],
-                     "num_views": s["num_views"], "num_synthetic": s["num_synthetic"], "num_mixes": s["num_mixes"],
-                     "train_seconds": s["train_seconds"]})  # fmt: skip
+        rows.append(
+            {
+                "method": s["method"],
+                "target_epsilon": math.inf if eps == "nonprivate" else float(eps[3:]),
+                "replicate": rep[3:],
+                "test_accuracy": s["test_accuracy"],
+                "epsilon_spent": s["epsilon"],
+                "delta": s["delta"],
+                "steps": s["steps"],
+                "noise_multiplier": s["noise_multiplier"],
+                "num_train_examples": s["num_train_examples"],
+                "group_size": s["group_size"],
+                "num_views": s["num_views"],
+                "num_synthetic": s["num_synthetic"],
+                "num_mixes": s["num_mixes"],
+                "train_seconds": s["train_seconds"],
+            }
+        )
     return rows
 
 
@@ -67,7 +79,11 @@ def main(runs: Path, out: Path) -> None:
     for method in [m for m in order if any(r["method"] == m for r in table)]:
         cells = []
         for e in epsilons:
-            accs = [100 * float(r["test_accuracy"]) for r in table if r["method"] == method and float(r["target_epsilon"]) == e]
+            accs = [
+                100 * float(r["test_accuracy"])
+                for r in table
+                if r["method"] == method and float(r["target_epsilon"]) == e
+            ]
             if not accs:
                 cells.append("–")
             elif len(accs) == 1:

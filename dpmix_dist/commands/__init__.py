@@ -9,11 +9,14 @@ import time
 from pathlib import Path
 
 
-def parser_for(doc: str | None, configs: str = "configs", overrides: str = "privacy.target_epsilon=2") -> argparse.ArgumentParser:
+def parser_for(
+    doc: str | None, configs: str = "configs", overrides: str = "privacy.target_epsilon=2"
+) -> argparse.ArgumentParser:
     """A command's parser: its module docstring as the help text, `--config` (a shipped name under `configs` or a
     path) and dotted `KEY=VALUE` overrides (`overrides` is the example shown)."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--config", required=True, help=f"{configs}/NAME(.yaml) or a path to a YAML file")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=f"dotted overrides, e.g. {overrides}")
     return parser

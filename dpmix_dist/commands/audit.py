@@ -36,27 +36,64 @@ from dpmix_dist.errors import run_command
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = parser_for(__doc__, overrides="privacy.target_delta=1e-5 (as for finetune.py)")
-    parser.add_argument("--output-dir", type=Path, default=None,
-                        help="where outputs go (default: runs/audit-CONFIG-YYYYmmdd-HHMMSS); must be new or empty")  # fmt: skip
-    parser.add_argument("--gradient-canaries", type=int, default=1000, metavar="M",
-                        help="white-box gradient canaries (default 1000; at most the trainable parameters; 0: none)")  # fmt: skip
-    parser.add_argument("--input-canaries", type=int, default=0, metavar="M",
-                        help="black-box input canaries, mislabelled images (default 0: none)")  # fmt: skip
-    parser.add_argument("--canary-norm", type=float, default=None,
-                        help="gradient canaries' norm before clipping (default: C, privacy.max_grad_norm)")  # fmt: skip
-    parser.add_argument("--canary-direction", choices=("dirac", "gaussian"), default="dirac",
-                        help="gradient canaries: one distinct coordinate each (dirac, default; M at most the trainable "
-                        "parameters) or random unit vectors (gaussian, any M)")  # fmt: skip
-    parser.add_argument("--score", choices=("likelihood", "sum"), default="likelihood",
-                        help="gradient canaries' score from the released steps (default likelihood: the Neyman-Pearson "
-                        "score of 'sampled with probability q each step'; sum: the released gradient summed over steps)")  # fmt: skip
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        help="where outputs go (default: runs/audit-CONFIG-YYYYmmdd-HHMMSS); must be new or empty",
+    )
+    parser.add_argument(
+        "--gradient-canaries",
+        type=int,
+        default=1000,
+        metavar="M",
+        help="white-box gradient canaries (default 1000; at most the trainable parameters; 0: none)",
+    )
+    parser.add_argument(
+        "--input-canaries",
+        type=int,
+        default=0,
+        metavar="M",
+        help="black-box input canaries, mislabelled images (default 0: none)",
+    )
+    parser.add_argument(
+        "--canary-norm",
+        type=float,
+        default=None,
+        help="gradient canaries' norm before clipping (default: C, privacy.max_grad_norm)",
+    )
+    parser.add_argument(
+        "--canary-direction",
+        choices=("dirac", "gaussian"),
+        default="dirac",
+        help="gradient canaries: one distinct coordinate each (dirac, default; M at most the trainable "
+        "parameters) or random unit vectors (gaussian, any M)",
+    )
+    parser.add_argument(
+        "--score",
+        choices=("likelihood", "sum"),
+        default="likelihood",
+        help="gradient canaries' score from the released steps (default likelihood: the Neyman-Pearson "
+        "score of 'sampled with probability q each step'; sum: the released gradient summed over steps)",
+    )
     parser.add_argument("--confidence", type=float, default=0.95, help="of the lower bounds (default 0.95)")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="fix the run's secret seed (sampling, noise) to reproduce an audit; default: OS CSPRNG")  # fmt: skip
-    parser.add_argument("--audit-seed", type=int, default=None,
-                        help="fix the canaries' inclusion bits and design to reproduce an audit; default: OS CSPRNG")  # fmt: skip
-    parser.add_argument("--keep-scores", action="store_true",
-                        help="also write audit_scores.npz (canary scores and bits; canaries are not private data)")  # fmt: skip
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="fix the run's secret seed (sampling, noise) to reproduce an audit; default: OS CSPRNG",
+    )
+    parser.add_argument(
+        "--audit-seed",
+        type=int,
+        default=None,
+        help="fix the canaries' inclusion bits and design to reproduce an audit; default: OS CSPRNG",
+    )
+    parser.add_argument(
+        "--keep-scores",
+        action="store_true",
+        help="also write audit_scores.npz (canary scores and bits; canaries are not private data)",
+    )
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
     args = parser.parse_args(argv)
     timestamped_output_dir(args, "audit-")
@@ -75,20 +112,33 @@ def _audit(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     settings = AuditSettings(
-        num_gradient_canaries=args.gradient_canaries, num_input_canaries=args.input_canaries,
-        canary_norm=args.canary_norm, canary_direction=args.canary_direction, score=args.score,
+        num_gradient_canaries=args.gradient_canaries,
+        num_input_canaries=args.input_canaries,
+        canary_norm=args.canary_norm,
+        canary_direction=args.canary_direction,
+        score=args.score,
         confidence=args.confidence,
-    )  # fmt: skip
+    )
     if args.output_dir.exists() and any(args.output_dir.iterdir()):
         raise FileExistsError(f"--output-dir {args.output_dir} is not empty; choose a new folder")
     if args.seed is not None or args.audit_seed is not None:
-        print("WARNING: a fixed --seed / --audit-seed makes the run's noise or the canaries' bits predictable; "
-              "use it only to reproduce an audit", file=sys.stderr)  # fmt: skip
+        print(
+            "WARNING: a fixed --seed / --audit-seed makes the run's noise or the canaries' bits predictable; "
+            "use it only to reproduce an audit",
+            file=sys.stderr,
+        )
     seed = fresh_secret_seed() if args.seed is None else args.seed
     audit_seed = fresh_secret_seed() if args.audit_seed is None else args.audit_seed
     try:
-        report = run_audit(config, settings, args.output_dir, secret_seed=seed, audit_seed=audit_seed, cpu=args.cpu,
-                           keep_scores=args.keep_scores)  # fmt: skip
+        report = run_audit(
+            config,
+            settings,
+            args.output_dir,
+            secret_seed=seed,
+            audit_seed=audit_seed,
+            cpu=args.cpu,
+            keep_scores=args.keep_scores,
+        )
     except Interrupted:
         print("interrupted: an audit cannot be resumed (its canaries live in memory); run it again", file=sys.stderr)
         return 130

@@ -32,15 +32,19 @@ SEED_WARNING = (
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = parser_for(__doc__, overrides="privacy.target_epsilon=2 optim.lr=0.5 performance.micro_batch_size=64")
     parser.add_argument(
-        "--output-dir", type=Path, default=None,
+        "--output-dir",
+        type=Path,
+        default=None,
         help="where outputs go (default: runs/CONFIG-YYYYmmdd-HHMMSS); must be new or empty unless --resume",
-    )  # fmt: skip
+    )
     parser.add_argument("--resume", action="store_true", help="continue the unfinished run in --output-dir")
     parser.add_argument(
-        "--seed", type=int, default=None,
+        "--seed",
+        type=int,
+        default=None,
         help="fix the secret seed (tests, reproductions). Default: drawn from the OS CSPRNG. A fixed seed makes "
         "the noise predictable to whoever knows it: the guarantee then rests on the seed staying secret",
-    )  # fmt: skip
+    )
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
     args = parser.parse_args(argv)
     timestamped_output_dir(args)
@@ -94,19 +98,26 @@ def _finetune(args: argparse.Namespace, started: float) -> int:
         except Interrupted as stopped:
             if tracker is not None:
                 tracker.end_interrupted()
-            dist.print(f"interrupted: {stopped}; checkpoint written. Continue with the same command plus "
-                       f"--resume --output-dir {output_dir}", stderr=True)  # fmt: skip
+            dist.print(
+                f"interrupted: {stopped}; checkpoint written. Continue with the same command plus "
+                f"--resume --output-dir {output_dir}",
+                stderr=True,
+            )
             return 130
         if tracker is not None:
             with _signals_deferred() as received:  # the run is finished: Ctrl-C now would only lose its record
                 _finish_tracker(tracker, config, trainer, summary, dist.world_size)
             if received:
-                print("stop signal received while logging the finished run to MLflow; the record was completed first",
-                      file=sys.stderr)  # fmt: skip
+                print(
+                    "stop signal received while logging the finished run to MLflow; the record was completed first",
+                    file=sys.stderr,
+                )
         dist.print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
-        dist.print(f"done in {time.time() - started:.0f} s (data, model and features included): {summary['eval_split']} "
-                   f"accuracy {summary[trainer.accuracy_key]:.4f} at ε={summary['epsilon']:.3f}, δ={summary['delta']:g}; "
-                   f"outputs in {output_dir}")  # fmt: skip
+        dist.print(
+            f"done in {time.time() - started:.0f} s (data, model and features included): {summary['eval_split']} "
+            f"accuracy {summary[trainer.accuracy_key]:.4f} at ε={summary['epsilon']:.3f}, δ={summary['delta']:g}; "
+            f"outputs in {output_dir}"
+        )
     return 0
 
 
@@ -133,17 +144,26 @@ def _announce(config, trainer, output_dir: Path, args: argparse.Namespace, world
     tracker = _start_tracker(config, trainer, output_dir, args, world_size) if config.tracking.enabled else None
     g = trainer.guarantee
     if config.tracking.log_train_loss:
-        print("WARNING: tracking.log_train_loss=true: the mean loss on the sampled PRIVATE examples is recorded "
-              "without noise (train_loss_not_private in the history, summary and MLflow); it is NOT covered by "
-              "the (ε, δ) guarantee. Do not share those records beyond those trusted with the data.",
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            "WARNING: tracking.log_train_loss=true: the mean loss on the sampled PRIVATE examples is recorded "
+            "without noise (train_loss_not_private in the history, summary and MLflow); it is NOT covered by "
+            "the (ε, δ) guarantee. Do not share those records beyond those trusted with the data.",
+            file=sys.stderr,
+            flush=True,
+        )
     if not g.private:
-        print("WARNING: privacy.enabled=false: NON-PRIVATE fine-tuning (no clipping, no noise, ε = ∞), a ceiling "
-              "for comparisons. Never publish this model as private.", file=sys.stderr, flush=True)  # fmt: skip
-    print(f"{'DP-SGD' if g.private else 'non-private SGD'}: target ε={config.privacy.target_epsilon:g} at δ={g.delta:g} "
-          f"({g.accountant}); σ={g.noise_multiplier:.4f}, q={g.sample_rate:.5f}, {g.steps} steps, C={g.max_grad_norm:g}, "
-          f"world size {world_size}, {sum(p.numel() for p in trainer.params.values()):,} trainable parameters",
-          flush=True)  # fmt: skip
+        print(
+            "WARNING: privacy.enabled=false: NON-PRIVATE fine-tuning (no clipping, no noise, ε = ∞), a ceiling "
+            "for comparisons. Never publish this model as private.",
+            file=sys.stderr,
+            flush=True,
+        )
+    print(
+        f"{'DP-SGD' if g.private else 'non-private SGD'}: target ε={config.privacy.target_epsilon:g} at δ={g.delta:g} "
+        f"({g.accountant}); σ={g.noise_multiplier:.4f}, q={g.sample_rate:.5f}, {g.steps} steps, C={g.max_grad_norm:g}, "
+        f"world size {world_size}, {sum(p.numel() for p in trainer.params.values()):,} trainable parameters",
+        flush=True,
+    )
     return tracker
 
 
@@ -151,7 +171,10 @@ def _announce(config, trainer, output_dir: Path, args: argparse.Namespace, world
 def _signals_deferred():
     """Hold SIGINT/SIGTERM (record them) for the duration of the block."""
     received: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+        sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+        for sig in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         yield received
     finally:
@@ -165,9 +188,15 @@ def _start_tracker(config, trainer, output_dir: Path, args: argparse.Namespace, 
     from dpmix_dist.train import NOT_PRIVATE_LOSS
 
     g = trainer.guarantee
-    planned = {"epsilon": g.epsilon(g.steps), "delta": g.delta, "noise_multiplier": g.noise_multiplier,
-               "max_grad_norm": g.max_grad_norm, "sample_rate": g.sample_rate, "steps": g.steps,
-               "accountant": g.accountant}  # fmt: skip
+    planned = {
+        "epsilon": g.epsilon(g.steps),
+        "delta": g.delta,
+        "noise_multiplier": g.noise_multiplier,
+        "max_grad_norm": g.max_grad_norm,
+        "sample_rate": g.sample_rate,
+        "steps": g.steps,
+        "accountant": g.accountant,
+    }
     tags = guarantee_tags(planned, config, trainer.metadata["name"], world_size)
     resume_id = None
     run_file = output_dir / "mlflow_run.json"
@@ -193,14 +222,17 @@ def _start_tracker(config, trainer, output_dir: Path, args: argparse.Namespace, 
 
 
 def _finish_tracker(tracker, config, trainer, summary: dict, world_size: int) -> None:
-    from dpmix_dist.tracking import guarantee_tags
-
     import copy
+
+    from dpmix_dist.tracking import guarantee_tags
 
     example = trainer.inputs.public_example()
     model = copy.deepcopy(trainer.dp_model.model).cpu().eval()  # loadable without the training device
     tags = guarantee_tags(summary, config, summary["dataset"], world_size)
     tracker.finish(summary, model, example, tags)
     if tracker.model_version:
-        print(f"registered models:/{config.tracking.register_as}/{tracker.model_version} with (ε={summary['epsilon']:.3f}, "
-              f"δ={summary['delta']:g}); MLflow {tracker.uri}, run {tracker.run_id}", flush=True)  # fmt: skip
+        print(
+            f"registered models:/{config.tracking.register_as}/{tracker.model_version} with "
+            f"(ε={summary['epsilon']:.3f}, δ={summary['delta']:g}); MLflow {tracker.uri}, run {tracker.run_id}",
+            flush=True,
+        )

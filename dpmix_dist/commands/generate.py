@@ -23,9 +23,12 @@ from dpmix_dist.errors import ConfigError, run_command
 
 def main(argv: list[str] | None = None) -> int:
     parser = parser_for(__doc__, "configs/generate", "output.images_per_class=50 generator.batch_size=8")
-    parser.add_argument("--check", action="store_true",
-                        help="instead of generating: train a classifier on real public images (check.real_data, "
-                        "default classes.from_data) and report how well it labels each class of the synthetic set")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="instead of generating: train a classifier on real public images (check.real_data, "
+        "default classes.from_data) and report how well it labels each class of the synthetic set",
+    )
     parser.add_argument("--cache-dir", default=".cache/dpmix", help="decoded-shard cache (for --check)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -52,8 +55,10 @@ def _generate(args: argparse.Namespace, started: float) -> int:
     resolve_classes(cfg)  # a bad class list fails before processes and pipelines start
     with Distributed() as dist:
         meta = generate(cfg, dist, progress=not args.no_progress)  # on the main process; None on the others
-        done = lambda train: (f"done in {time.time() - started:.0f} s: {train['num_examples']} images of "  # noqa: E731
-                              f"{meta['num_classes']} classes in {len(train['shards'])} shard(s), world size "
-                              f"{dist.world_size}; {cfg.output.dir}/metadata.json")  # fmt: skip
+        done = lambda train: (
+            f"done in {time.time() - started:.0f} s: {train['num_examples']} images of "  # noqa: E731
+            f"{meta['num_classes']} classes in {len(train['shards'])} shard(s), world size "
+            f"{dist.world_size}; {cfg.output.dir}/metadata.json"
+        )
         dist.on_main(lambda: print(done(meta["splits"]["train"])))
     return 0

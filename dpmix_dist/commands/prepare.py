@@ -32,7 +32,13 @@ from pathlib import Path
 
 from dpmix_dist.data.prepare import PartitionRequest, write_partition
 from dpmix_dist.data.shards import write_dataset
-from dpmix_dist.data.sources import FASHION_MNIST_DEFAULT_DIR, DataError, read_cifar, read_fashion_mnist, read_image_folder
+from dpmix_dist.data.sources import (
+    FASHION_MNIST_DEFAULT_DIR,
+    DataError,
+    read_cifar,
+    read_fashion_mnist,
+    read_image_folder,
+)
 from dpmix_dist.errors import run_command
 
 
@@ -41,23 +47,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dataset", choices=["fashion_mnist", "cifar10", "cifar100", "imagefolder"])
     parser.add_argument("--out", type=Path, required=True, help="output folder (must not exist unless --overwrite)")
     parser.add_argument(
-        "--source", default=None,
+        "--source",
+        default=None,
         help=f"fashion_mnist: idx folder (default {FASHION_MNIST_DEFAULT_DIR}); cifar*: local python tarball "
         "(default: download); imagefolder: ROOT with train/CLASS/* and test/CLASS/*",
-    )  # fmt: skip
+    )
     parser.add_argument("--image-size", type=int, default=None, help="imagefolder: resize every image to N×N")
     parser.add_argument("--download-dir", type=Path, default=Path("data/downloads"), help="cifar download cache")
     parser.add_argument("--overwrite", action="store_true", help="replace --out once the new shards are complete")
-    parser.add_argument("--public-out", type=Path, default=None,
-                        help="also write a disjoint public part of the train split here (see above)")
-    parser.add_argument("--public-count", type=int, default=None, help="examples in the public part (with --public-out)")
-    parser.add_argument("--validation-count", type=int, default=None,
-                        help="with --public-out: public examples moved into a validation split (for tuning)")
-    parser.add_argument("--subset-out", type=Path, default=None,
-                        help="with --public-out: also write a private folder holding --subset-count private examples")
-    parser.add_argument("--subset-count", type=int, default=None, help="examples in the private subset (with --subset-out)")
-    parser.add_argument("--split-seed", type=int, default=0,
-                        help="seed of the public/private split, the validation carve and the subset (it is public)")
+    parser.add_argument(
+        "--public-out",
+        type=Path,
+        default=None,
+        help="also write a disjoint public part of the train split here (see above)",
+    )
+    parser.add_argument(
+        "--public-count", type=int, default=None, help="examples in the public part (with --public-out)"
+    )
+    parser.add_argument(
+        "--validation-count",
+        type=int,
+        default=None,
+        help="with --public-out: public examples moved into a validation split (for tuning)",
+    )
+    parser.add_argument(
+        "--subset-out",
+        type=Path,
+        default=None,
+        help="with --public-out: also write a private folder holding --subset-count private examples",
+    )
+    parser.add_argument(
+        "--subset-count", type=int, default=None, help="examples in the private subset (with --subset-out)"
+    )
+    parser.add_argument(
+        "--split-seed",
+        type=int,
+        default=0,
+        help="seed of the public/private split, the validation carve and the subset (it is public)",
+    )
     args = parser.parse_args(argv)
     return run_command(lambda: _prepare(args))
 
@@ -70,8 +97,10 @@ def _prepare(args: argparse.Namespace) -> int:
     if args.public_out is not None and args.public_out.resolve() == args.out.resolve():
         raise DataError("--public-out must differ from --out: the public and private parts live in separate folders")
     if args.public_out is None and (args.validation_count is not None or args.subset_out is not None):
-        raise DataError("--validation-count and --subset-out need --public-out (validation data is carved from the "
-                        "public part; the subset is of the private part)")  # fmt: skip
+        raise DataError(
+            "--validation-count and --subset-out need --public-out (validation data is carved from the "
+            "public part; the subset is of the private part)"
+        )
     if (args.subset_out is None) != (args.subset_count is None):
         raise DataError("--subset-out DIR and --subset-count N go together (the subset's folder and its size)")
     outs = [o for o in (args.out, args.public_out, args.subset_out) if o is not None]
@@ -91,9 +120,19 @@ def _prepare(args: argparse.Namespace) -> int:
     if args.public_out is None:
         written = [(write_dataset(dataset, args.out, overwrite=args.overwrite), dataset)]
     else:
-        written = write_partition(dataset, PartitionRequest(
-            args.out, args.public_out, args.public_count, args.validation_count, args.subset_out, args.subset_count,
-            args.split_seed, args.overwrite))  # fmt: skip
+        written = write_partition(
+            dataset,
+            PartitionRequest(
+                args.out,
+                args.public_out,
+                args.public_count,
+                args.validation_count,
+                args.subset_out,
+                args.subset_count,
+                args.split_seed,
+                args.overwrite,
+            ),
+        )
     for root, part in written:
         counts = {s: len(r.labels) for s, r in part.splits.items()}
         print(f"wrote {root}: {part.name}, {len(part.classes)} classes, {counts}")

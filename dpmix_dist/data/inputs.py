@@ -93,8 +93,10 @@ class RunInputs:
             with self.dist.local_main_first():
                 synthetic = load_split(a.synthetic_root, "train", self.config.data.cache_dir)
             if len(synthetic) < a.num_synthetic:
-                raise DataError(f"augment.num_synthetic={a.num_synthetic} is more than the {len(synthetic)} images "
-                                f"in {a.synthetic_root}; lower it or generate more")  # fmt: skip
+                raise DataError(
+                    f"augment.num_synthetic={a.num_synthetic} is more than the {len(synthetic)} images "
+                    f"in {a.synthetic_root}; lower it or generate more"
+                )
         # `pixels`: the builder gathers views into new tensors, which `tail_inputs` puts in the model's layout once
         return GroupBuilder(a, self.metadata["num_classes"], self.pixels, self.config.data.image_size, synthetic)
 
@@ -103,7 +105,9 @@ class RunInputs:
             data = load_split(self.config.data.root, split, self.config.data.cache_dir)
         owned = owned_indices(len(data), self.dist.rank, self.dist.world_size)
         # Evaluation images are never augmented; training images are, except under dpsgd.
-        caching = self.config.performance.cache_frozen_features and (split != "train" or self.config.augment.method == "dpsgd")
+        caching = self.config.performance.cache_frozen_features and (
+            split != "train" or self.config.augment.method == "dpsgd"
+        )
         return self._example_store(data, owned, split, desc, caching, self.metadata["splits"][split]["shards"])
 
     def _synthetic_store(self) -> ExampleStore | None:
@@ -115,20 +119,32 @@ class RunInputs:
         if not self.config.performance.cache_frozen_features:
             return None
         synthetic, shards = self.groups.synthetic, read_metadata(a.synthetic_root)["splits"]["train"]["shards"]
-        return self._example_store(synthetic, torch.arange(len(synthetic)), "synthetic", "caching synthetic features",
-                                   True, shards)  # fmt: skip
+        return self._example_store(
+            synthetic, torch.arange(len(synthetic)), "synthetic", "caching synthetic features", True, shards
+        )
 
-    def _example_store(self, data, owned: torch.Tensor, split: str, desc: str, caching: bool, shards: dict) -> ExampleStore:
+    def _example_store(
+        self, data, owned: torch.Tensor, split: str, desc: str, caching: bool, shards: dict
+    ) -> ExampleStore:
         perf, prefix = self.config.performance, self.dp_model.cut.prefix
         cache_file = None
         if caching and perf.feature_cache_on_disk:  # reused by the next run on the same data and model (a sweep)
             m = self.config.model
             if self._weights_digest is None:  # once per run, for every store (hashing the weights takes a while)
                 self._weights_digest = weights_digest(self.dp_model.model)
-            key = feature_cache_key(self._weights_digest, shards, owned, image_size=self.config.data.image_size,
-                                    model_name=m.name, norm=m.norm, cut=[m.trainable, m.num_trainable_blocks],
-                                    channels_last=perf.channels_last, batch_size=perf.eval_batch_size,
-                                    threads=torch.get_num_threads(), device=self.dist.device.type)  # fmt: skip
+            key = feature_cache_key(
+                self._weights_digest,
+                shards,
+                owned,
+                image_size=self.config.data.image_size,
+                model_name=m.name,
+                norm=m.norm,
+                cut=[m.trainable, m.num_trainable_blocks],
+                channels_last=perf.channels_last,
+                batch_size=perf.eval_batch_size,
+                threads=torch.get_num_threads(),
+                device=self.dist.device.type,
+            )
             cache_file = Path(self.config.data.cache_dir) / "features" / f"{key}.pt"
         if caching and len(owned):
             with torch.no_grad():
@@ -139,13 +155,25 @@ class RunInputs:
                     f"{per_example * len(owned) / 2**30:.1f} GiB per process (> feature_cache_max_gb="
                     f"{perf.feature_cache_max_gb:g}); set performance.cache_frozen_features=false or train fewer blocks"
                 )
-        with self.dist.progress(caching and self.config.run.progress_bar, total=len(owned), desc=desc, unit="img") as bar:
-            return ExampleStore(data, owned, self.to_input, prefix, cache_features=caching,
-                                batch_size=perf.eval_batch_size, progress=bar.update, cache_file=cache_file)  # fmt: skip
+        with self.dist.progress(
+            caching and self.config.run.progress_bar, total=len(owned), desc=desc, unit="img"
+        ) as bar:
+            return ExampleStore(
+                data,
+                owned,
+                self.to_input,
+                prefix,
+                cache_features=caching,
+                batch_size=perf.eval_batch_size,
+                progress=bar.update,
+                cache_file=cache_file,
+            )
 
     # ------------------------------------------------------------------------------------------ groups
 
-    def tail_inputs(self, store: ExampleStore, chunk: torch.Tensor, secret_seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def tail_inputs(
+        self, store: ExampleStore, chunk: torch.Tensor, secret_seed: int, step: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs to the trainable tail (b, G, ...) and targets (b, G) or (b, G, classes) for these examples."""
         if self.groups is None:  # dpsgd: one unaugmented view per example (features maybe cached)
             return store.features(chunk).unsqueeze(1), store.labels(chunk).to(self.dist.device).unsqueeze(1)

@@ -1,8 +1,8 @@
-"""Writing a source data set as shard folders, partitioned into a public part, the private rest and a private subset.
+"""Writing a source data set as shard folders, partitioned into a public part, the private rest and a subset.
 
-The partition record (`"partition"` in each folder's metadata.json) is what `data/provenance.py` checks later: the source,
-the split seed, the counts and SHA-256 digests of the source indices of either part. All index choices depend only
-on the split seed, which is public.
+The partition record (`"partition"` in each folder's metadata.json) is what `data/provenance.py` checks later: the
+source, the split seed, the counts and SHA-256 digests of the source indices of either part. All index choices
+depend only on the split seed, which is public.
 """
 
 from __future__ import annotations
@@ -16,8 +16,14 @@ import numpy as np
 
 from dpmix_dist.data.shards import write_dataset
 from dpmix_dist.data.sources import (
-    SPLIT_INDICES, VALIDATION_INDICES, RawDataset, RawSplit, carve_validation, private_subset, split_public_private,
-)  # fmt: skip
+    SPLIT_INDICES,
+    VALIDATION_INDICES,
+    RawDataset,
+    RawSplit,
+    carve_validation,
+    private_subset,
+    split_public_private,
+)
 
 
 @dataclass(frozen=True)
@@ -56,7 +62,9 @@ def _with(dataset: RawDataset, name: str, train_idx: np.ndarray, validation_idx:
 def write_partition(dataset: RawDataset, args: PartitionRequest) -> list[tuple[Path, RawDataset]]:
     """The private part (`args.out`), the public part and, if asked, the private subset, each recording the
     partition in metadata.json and its source indices in source_indices.npy. Returns (folder, data set) per part."""
-    private_idx, public_idx = split_public_private(len(dataset.splits["train"].labels), args.public_count, args.split_seed)
+    private_idx, public_idx = split_public_private(
+        len(dataset.splits["train"].labels), args.public_count, args.split_seed
+    )
     public_train_idx, validation_idx = public_idx, None
     if args.validation_count is not None:
         public_train_idx, validation_idx = carve_validation(public_idx, args.validation_count, args.split_seed)
@@ -72,21 +80,32 @@ def write_partition(dataset: RawDataset, args: PartitionRequest) -> list[tuple[P
     }
     files = {}
     if validation_idx is not None:
-        partition.update(validation_count=int(len(validation_idx)), validation_indices_sha256=_digest(validation_idx),
-                     validation_indices_file=VALIDATION_INDICES)  # fmt: skip
+        partition.update(
+            validation_count=int(len(validation_idx)),
+            validation_indices_sha256=_digest(validation_idx),
+            validation_indices_file=VALIDATION_INDICES,
+        )
         files[VALIDATION_INDICES] = _npy(validation_idx)
-    parts = [("private", private_idx, dataset.name, args.out, {}),
-             ("public", public_train_idx, f"{dataset.name}_public", args.public_out, {})]  # fmt: skip
+    parts = [
+        ("private", private_idx, dataset.name, args.out, {}),
+        ("public", public_train_idx, f"{dataset.name}_public", args.public_out, {}),
+    ]
     if args.subset_out is not None:
         subset_idx = private_subset(private_idx, args.subset_count, args.split_seed)
-        subset = {"of": str(args.out), "count": int(len(subset_idx)), "seed": args.split_seed,
-                  "indices_sha256": _digest(subset_idx)}  # fmt: skip
+        subset = {
+            "of": str(args.out),
+            "count": int(len(subset_idx)),
+            "seed": args.split_seed,
+            "indices_sha256": _digest(subset_idx),
+        }
         parts.append(("private", subset_idx, f"{dataset.name}_{len(subset_idx)}", args.subset_out, {"subset": subset}))
     written = []
     for role, idx, name, out, extra in parts:
         partner = args.out if role == "public" else args.public_out
         meta = {"partition": {"role": role, "partner": str(partner), **partition}, **extra}
         part = _with(dataset, name, idx, validation_idx)
-        root = write_dataset(part, out, overwrite=args.overwrite, extra=meta, extra_files={SPLIT_INDICES: _npy(idx), **files})
+        root = write_dataset(
+            part, out, overwrite=args.overwrite, extra=meta, extra_files={SPLIT_INDICES: _npy(idx), **files}
+        )
         written.append((root, part))
     return written

@@ -26,7 +26,13 @@ from dpmix_dist.data.shards import read_metadata
 from dpmix_dist.errors import DataError
 
 # What identifies a public/private split: equal values mean the same partition of the same source.
-_PARTITION_IDENTITY = ("source_split", "source_num_examples", "split_seed", "public_indices_sha256", "private_indices_sha256")
+_PARTITION_IDENTITY = (
+    "source_split",
+    "source_num_examples",
+    "split_seed",
+    "public_indices_sha256",
+    "private_indices_sha256",
+)
 
 
 def check_private_root(root: str, metadata: dict) -> None:
@@ -45,16 +51,22 @@ def check_synthetic_root(root: str, private_metadata: dict, private_root: str) -
     """A DataError unless `root` is a synthetic folder written by launch/generate.py, with the private data's
     classes in the same order, from a generator on the allowlist (module docstring)."""
     if not (Path(root) / "metadata.json").is_file():
-        raise DataError(f"augment.synthetic_root: {root} is not a folder written by launch/generate.py (no "
-                        "metadata.json); make one with `make synthetic` (data/fmnist_synthetic)")  # fmt: skip
+        raise DataError(
+            f"augment.synthetic_root: {root} is not a folder written by launch/generate.py (no "
+            "metadata.json); make one with `make synthetic` (data/fmnist_synthetic)"
+        )
     meta = read_metadata(root)
     record = meta.get("synthetic")
     if not record:
-        raise DataError(f"augment.synthetic_root: {root} is not a synthetic set (no 'synthetic' record in its "
-                        "metadata.json); DP-Mix_Diff may only mix public images. Write one with launch/generate.py")  # fmt: skip
+        raise DataError(
+            f"augment.synthetic_root: {root} is not a synthetic set (no 'synthetic' record in its "
+            "metadata.json); DP-Mix_Diff may only mix public images. Write one with launch/generate.py"
+        )
     if meta["classes"] != private_metadata["classes"]:
-        raise DataError(f"augment.synthetic_root: {root} has classes {meta['classes']}, the private data "
-                        f"{private_metadata['classes']}; generate with the private data's class list, in its order")  # fmt: skip
+        raise DataError(
+            f"augment.synthetic_root: {root} has classes {meta['classes']}, the private data "
+            f"{private_metadata['classes']}; generate with the private data's class list, in its order"
+        )
     trained_on = (record.get("generator_info") or {}).get("trained_on")
     if trained_on:
         _check_trained_on_public_part(root, trained_on, private_metadata, private_root)
@@ -72,26 +84,45 @@ def check_synthetic_root(root: str, private_metadata: dict, private_root: str) -
 
 def _check_trained_on_public_part(root: str, trained_on: dict, private_metadata: dict, private_root: str) -> None:
     partition, private_partition = trained_on.get("partition") or {}, private_metadata.get("partition") or {}
-    fix = ("train the generator on the public part of the private data's split "
-           f"({private_partition.get('partner', 'launch/prepare_data.py --public-out')}) with launch/train_diffusion.py")  # fmt: skip
+    fix = (
+        "train the generator on the public part of the private data's split "
+        f"({private_partition.get('partner', 'launch/prepare_data.py --public-out')}) with launch/train_diffusion.py"
+    )
     trained_root = trained_on.get("root")
-    if trained_root and Path(trained_root).resolve() == Path(private_root).resolve() or partition.get("role") == "private":
-        raise DataError(f"augment.synthetic_root: {root} comes from a generator trained on the private data "
-                        f"({trained_root}); {fix}")  # fmt: skip
+    if (
+        trained_root
+        and Path(trained_root).resolve() == Path(private_root).resolve()
+        or partition.get("role") == "private"
+    ):
+        raise DataError(
+            f"augment.synthetic_root: {root} comes from a generator trained on the private data ({trained_root}); {fix}"
+        )
     if partition.get("role") != "public" or private_partition.get("role") != "private":
-        raise DataError(f"augment.synthetic_root: {root} comes from a generator trained on {trained_root}, which is not "
-                        "recorded as the public part of a public/private split (it may contain private examples); "
-                        f"{fix}")  # fmt: skip
-    differs = [k for k in _PARTITION_IDENTITY if partition.get(k) is None or partition.get(k) != private_partition.get(k)]
+        raise DataError(
+            f"augment.synthetic_root: {root} comes from a generator trained on {trained_root}, which is not "
+            "recorded as the public part of a public/private split (it may contain private examples); "
+            f"{fix}"
+        )
+    differs = [
+        k for k in _PARTITION_IDENTITY if partition.get(k) is None or partition.get(k) != private_partition.get(k)
+    ]
     if differs:
-        raise DataError(f"augment.synthetic_root: {root} comes from a generator trained on the public part of another "
-                        f"split than the private data's ({', '.join(differs)} differ), so the two sets are not known "
-                        f"to be disjoint; {fix}")  # fmt: skip
+        raise DataError(
+            f"augment.synthetic_root: {root} comes from a generator trained on the public part of another "
+            f"split than the private data's ({', '.join(differs)} differ), so the two sets are not known "
+            f"to be disjoint; {fix}"
+        )
     public_indices = _source_indices(trained_root, partition)
     private_indices = _source_indices(private_root, private_partition)
-    if public_indices is not None and private_indices is not None and np.intersect1d(public_indices, private_indices).size:
-        raise DataError(f"augment.synthetic_root: {root}: the generator's training images and the private set share "
-                        f"source examples (by their recorded source indices); {fix}")  # fmt: skip
+    if (
+        public_indices is not None
+        and private_indices is not None
+        and np.intersect1d(public_indices, private_indices).size
+    ):
+        raise DataError(
+            f"augment.synthetic_root: {root}: the generator's training images and the private set share "
+            f"source examples (by their recorded source indices); {fix}"
+        )
 
 
 def _source_indices(root: str | None, partition: dict) -> np.ndarray | None:

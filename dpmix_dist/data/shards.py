@@ -67,7 +67,9 @@ def write_dataset(
     """
     root = Path(root)
     if root.exists() and not overwrite:
-        raise DataError(f"{root} already exists; pass --overwrite to replace it (it is kept until the new one is complete)")
+        raise DataError(
+            f"{root} already exists; pass --overwrite to replace it (it is kept until the new one is complete)"
+        )
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the data folder is meant to be shared by a node's processes
@@ -142,8 +144,8 @@ def with_partition_key(meta: dict) -> dict:
 _PREPARE = {
     "fashion_mnist_2k": "`make data` (it writes data/fashion_mnist_2k with its parent split)",
     "fashion_mnist": "`make data`, or `python launch/prepare_data.py fashion_mnist --out {root}`",
-    "cifar100": "`python launch/prepare_data.py cifar100 --out {root}` (downloads once; or --source cifar-100-python.tar.gz)",
-    "cifar10": "`python launch/prepare_data.py cifar10 --out {root}` (downloads once; or --source cifar-10-python.tar.gz)",
+    "cifar100": "`python launch/prepare_data.py cifar100 --out {root}` (downloads once; or --source TARBALL)",
+    "cifar10": "`python launch/prepare_data.py cifar10 --out {root}` (downloads once; or --source TARBALL)",
 }
 
 
@@ -152,8 +154,10 @@ def _prepare_hint(root: Path) -> str:
     for key in sorted(_PREPARE, key=len, reverse=True):
         if name.startswith(key) and (key != "fashion_mnist_2k" or name == key):
             return _PREPARE[key].format(root=root)
-    return (f"`python launch/prepare_data.py DATASET --out {root}` (DATASET: fashion_mnist, cifar10, cifar100, or "
-            "imagefolder --source DIR for your own images)")  # fmt: skip
+    return (
+        f"`python launch/prepare_data.py DATASET --out {root}` (DATASET: fashion_mnist, cifar10, cifar100, or "
+        "imagefolder --source DIR for your own images)"
+    )
 
 
 @dataclass(frozen=True)
@@ -188,9 +192,13 @@ def _decode_shards(root: Path, split: str, info: dict) -> tuple[np.ndarray, np.n
                 images[index] = image.reshape(shape)
                 labels[index] = int(sample["cls"])
         except (tarfile.TarError, OSError, ValueError, KeyError, IndexError) as exc:
-            raise DataError(f"{path}: shard is unreadable ({type(exc).__name__}: {exc}); re-create it with launch/prepare_data.py") from None
+            raise DataError(
+                f"{path}: shard is unreadable ({type(exc).__name__}: {exc}); re-create it with launch/prepare_data.py"
+            ) from None
     if (labels < 0).any():
-        raise DataError(f"{root}: {int((labels < 0).sum())} {split} examples missing from the shards; re-create the folder")
+        raise DataError(
+            f"{root}: {int((labels < 0).sum())} {split} examples missing from the shards; re-create the folder"
+        )
     return images, labels
 
 
@@ -243,9 +251,13 @@ def _verify_shards(root: Path, info: dict) -> None:
     for name, digest in info["shards"].items():
         path = root / name
         if not path.is_file():
-            raise DataError(f"{path}: shard listed in {METADATA} is missing; re-create the folder with launch/prepare_data.py")
+            raise DataError(
+                f"{path}: shard listed in {METADATA} is missing; re-create the folder with launch/prepare_data.py"
+            )
         if _sha256(path) != digest:
-            raise DataError(f"{path}: shard is corrupt (checksum mismatch); re-create the folder with launch/prepare_data.py")
+            raise DataError(
+                f"{path}: shard is corrupt (checksum mismatch); re-create the folder with launch/prepare_data.py"
+            )
 
 
 def _read_json(path: Path) -> dict:

@@ -16,10 +16,18 @@ import numpy as np
 from dpmix_dist.errors import DataError
 
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 FASHION_MNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
-
 
 
 @dataclass(frozen=True)
@@ -59,7 +67,11 @@ def read_fashion_mnist(folder: str | Path = FASHION_MNIST_DEFAULT_DIR) -> RawDat
     folder = Path(folder)
     splits = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
-        paths = [folder / f"{prefix}-{kind}-idx{n}-ubyte{ext}" for kind, n in (("images", 3), ("labels", 1)) for ext in (".gz", "")]
+        paths = [
+            folder / f"{prefix}-{kind}-idx{n}-ubyte{ext}"
+            for kind, n in (("images", 3), ("labels", 1))
+            for ext in (".gz", "")
+        ]
         images_path = next((p for p in paths[:2] if p.exists()), None)
         labels_path = next((p for p in paths[2:] if p.exists()), None)
         if images_path is None or labels_path is None:
@@ -163,8 +175,10 @@ def carve_validation(public_idx: np.ndarray, count: int, seed: int) -> tuple[np.
     """Split the public indices into (public train, validation), both sorted. Only public examples are ever
     candidates, so validation data is never private or test data; the choice depends on the public seed alone."""
     if not 0 < count < len(public_idx):
-        raise DataError(f"--validation-count must be between 1 and {len(public_idx) - 1} (the public part has "
-                        f"{len(public_idx)} examples), got {count}")  # fmt: skip
+        raise DataError(
+            f"--validation-count must be between 1 and {len(public_idx) - 1} (the public part has "
+            f"{len(public_idx)} examples), got {count}"
+        )
     order = np.random.default_rng([seed, 1]).permutation(len(public_idx))
     return np.sort(public_idx[order[count:]]), np.sort(public_idx[order[:count]])
 
@@ -187,6 +201,8 @@ def split_public_private(num_examples: int, public_count: int, seed: int) -> tup
     """
     n = num_examples
     if not 0 < public_count < n:
-        raise DataError(f"--public-count must be between 1 and {n - 1} (the train split has {n} examples), got {public_count}")
+        raise DataError(
+            f"--public-count must be between 1 and {n - 1} (the train split has {n} examples), got {public_count}"
+        )
     order = np.random.default_rng(seed).permutation(n)
     return np.sort(order[public_count:]), np.sort(order[:public_count])

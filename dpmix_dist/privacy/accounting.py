@@ -66,4 +66,3 @@ def max_steps_within(
 def planned_steps(epochs: float, sample_rate: float) -> int:
     """round(epochs / q), at least 1: one epoch is 1/q steps in expectation."""
     return max(1, int(round(epochs / sample_rate)))
-

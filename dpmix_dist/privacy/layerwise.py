@@ -232,8 +232,10 @@ class LayerwiseClipper:
         if missing:
             problems["(not a parameter of module)"] = [", ".join(missing)]
         if problems:
-            detail = "; ".join(f"{cls} ({what[0]}{f' and {len(what) - 1} more' if len(what) > 1 else ''})"
-                               for cls, what in problems.items())
+            detail = "; ".join(
+                f"{cls} ({what[0]}{f' and {len(what) - 1} more' if len(what) > 1 else ''})"
+                for cls, what in problems.items()
+            )
             raise UnsupportedLayer(f"the layer-wise engine refuses {detail}; {_FIX}", tuple(problems))
         if example is not None:
             zeros = torch.zeros(1, 1, dtype=torch.long, device=example.device)
@@ -276,14 +278,22 @@ class LayerwiseClipper:
         for layer in self._layers:
             name = type(layer.module).__qualname__
             if layer.edge is None or (layer.inputs is None and any(slot == "inputs" for *_, slot in layer.taps())):
-                raise UnsupportedLayer(f"{name} owns trainable parameters but its forward did not run (its "
-                                       f"parameters are used another way); {_FIX_RUN}", (name,))
+                raise UnsupportedLayer(
+                    f"{name} owns trainable parameters but its forward did not run (its "
+                    f"parameters are used another way); {_FIX_RUN}",
+                    (name,),
+                )
             if layer.inputs is not None and layer.inputs._version != layer.input_version:
-                raise UnsupportedLayer(f"the input of {name} was overwritten in place after it was read "
-                                       f"(models.disable_inplace); {_FIX_RUN}", (name,))
+                raise UnsupportedLayer(
+                    f"the input of {name} was overwritten in place after it was read "
+                    f"(models.disable_inplace); {_FIX_RUN}",
+                    (name,),
+                )
             if layer.out_view is not None and layer.out_view._version != layer.out_version:
-                raise UnsupportedLayer(f"the output of {name} (a view) was overwritten in place "
-                                       f"(models.disable_inplace); {_FIX_RUN}", (name,))
+                raise UnsupportedLayer(
+                    f"the output of {name} (a view) was overwritten in place (models.disable_inplace); {_FIX_RUN}",
+                    (name,),
+                )
         # class ids (b, G) or soft labels (b, G, classes): one loss per member, then the group's mean
         per_member = F.cross_entropy(logits.float(), targets.flatten(0, 1), reduction="none")
         losses = per_member.view(num_groups, group_size).mean(1)
@@ -373,8 +383,11 @@ class LayerwiseClipper:
         if "pos_embed" in layer.names and grid not in (None, tuple(vit.patch_embed.grid_size)):
             # resample_abs_pos_embed interpolated pos_embed: ∂z/∂pos_embed is no longer the identity
             built = tuple(vit.patch_embed.grid_size)
-            raise UnsupportedLayer(f"ViT input of {grid} patches, pos_embed made for {built}: build the model for the "
-                                   f"input size (img_size); {_FIX_RUN}", ("VisionTransformer",))
+            raise UnsupportedLayer(
+                f"ViT input of {grid} patches, pos_embed made for {built}: build the model for the "
+                f"input size (img_size); {_FIX_RUN}",
+                ("VisionTransformer",),
+            )
         g = gz.reshape(num_groups, -1, *gz.shape[1:]).sum(1)  # (n, T, D): the group's views summed
         num_cls = 1 if vit.cls_token is not None else 0
         num_reg = vit.reg_token.shape[1] if vit.reg_token is not None else 0
@@ -472,7 +485,9 @@ class LayerwiseClipper:
                 factors and the clipped sum are still computed in fp32.
         """
         num_groups = inputs.shape[0]
-        with torch.autocast(inputs.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        with torch.autocast(
+            inputs.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+        ):
             losses = self._forward_backward(inputs, targets)
         norms_sq = torch.zeros(num_groups, device=inputs.device, dtype=torch.float32)
         for layer in self._layers:
@@ -482,4 +497,3 @@ class LayerwiseClipper:
         for layer in self._layers:
             summed.update(self._clipped(layer, factors))
         return {name: summed[name] for name in self.params}, losses
-

@@ -95,13 +95,17 @@ class PrivateGradient:
         self._check_keys(summed, "the clipped sum")
         wrong = [name for name, shape in self.shapes.items() if summed[name].shape != torch.Size(shape)]
         if wrong:
-            raise ValueError(f"the clipped sum of {wrong[0]} has shape {tuple(summed[wrong[0]].shape)}, the parameter "
-                             f"{tuple(self.shapes[wrong[0]])}")  # fmt: skip
+            raise ValueError(
+                f"the clipped sum of {wrong[0]} has shape {tuple(summed[wrong[0]].shape)}, the parameter "
+                f"{tuple(self.shapes[wrong[0]])}"
+            )
         flat = self._flat(summed)
         norm = float(torch.linalg.vector_norm(flat))
         if not norm <= num_groups * self.max_grad_norm * (1 + 1e-3):  # fp32 sums of b terms: relative slack
-            raise RuntimeError(f"a clipped sum of {num_groups} groups has norm {norm:.4g} > {num_groups} x C = "
-                               f"{num_groups * self.max_grad_norm:.4g}: the engine did not clip to this mechanism's C")  # fmt: skip
+            raise RuntimeError(
+                f"a clipped sum of {num_groups} groups has norm {norm:.4g} > {num_groups} x C = "
+                f"{num_groups * self.max_grad_norm:.4g}: the engine did not clip to this mechanism's C"
+            )
         self._local_sum += flat
 
     def _check_keys(self, grads: Mapping[str, torch.Tensor], what: str) -> None:
@@ -131,7 +135,9 @@ class PrivateGradient:
         if self.secure_noise:
             noise = secure_random.gaussian_noise(self._secret_seed, step, self.numel, std, self.device)
         else:
-            noise = gaussian_noise_like(buffer[:-1], std, generator(self._secret_seed, "noise", step, device=self.device))
+            noise = gaussian_noise_like(
+                buffer[:-1], std, generator(self._secret_seed, "noise", step, device=self.device)
+            )
         return (buffer[:-1] + noise) / self.expected_batch_size
 
     def resume_after(self, last_finished_step: int) -> None:

@@ -30,7 +30,9 @@ def poisson_mask(
     if secure:
         uniforms = torch.from_numpy(secure_random.uniforms(secret_seed, "sample", step, count=num_examples_global))
     else:
-        uniforms = torch.rand(num_examples_global, generator=generator(secret_seed, "sample", step), dtype=torch.float64)
+        uniforms = torch.rand(
+            num_examples_global, generator=generator(secret_seed, "sample", step), dtype=torch.float64
+        )
     return uniforms < sample_rate
 
 

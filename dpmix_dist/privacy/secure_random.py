@@ -7,9 +7,10 @@ statistically, but not built to resist an adversary who sees released values and
   the secret) over (secret seed, purpose, step, chunk). Like `seeding`, the stream is a pure function of those
   labels, so every rank draws the same values and nothing depends on the number of processes.
 - A Gaussian is the variance-preserving combination of four independent standard normals, (z1 + z2 + z3 + z4) / 2,
-  made by Box-Muller in float64 from four 53-bit uniforms (two pairs, cosine and sine of each). Summing several draws smooths the gaps that
-  floating-point sampling leaves in the low-order bits, which the attacks on textbook float noise exploit
-  (Mironov 2012 for Laplace; Holohan & Braghin 2021 for Gaussian samplers, the scheme Opacus's secure mode uses).
+  made by Box-Muller in float64 from four 53-bit uniforms (two pairs, cosine and sine of each). Summing several
+  draws smooths the gaps that floating-point sampling leaves in the low-order bits, which the attacks on textbook
+  float noise exploit (Mironov 2012 for Laplace; Holohan & Braghin 2021 for Gaussian samplers, the scheme
+  Opacus's secure mode uses).
 - Noise is drawn in fixed chunks of `CHUNK` coordinates, each with its own stream: memory stays bounded and the
   value of coordinate j depends on (seed, step, j) alone.
 
@@ -46,14 +47,20 @@ def _standard_normals(secret_seed: int, labels: tuple, count: int) -> np.ndarray
     return (radius * (np.cos(angle) + np.sin(angle))).sum(1) / 2.0
 
 
-def gaussian_noise(secret_seed: int, step: int, numel: int, std: float, device: torch.device | str = "cpu") -> torch.Tensor:
+def gaussian_noise(
+    secret_seed: int, step: int, numel: int, std: float, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """N(0, std²) on each of `numel` coordinates (fp32), chunk c seeded by (secret seed, "noise", step, c)."""
     if std < 0:
         raise ValueError(f"noise std must be >= 0, got {std}")
     starts = range(0, numel, CHUNK)
     # Chunks are independent streams; hashlib and numpy release the GIL on large buffers, so threads use every core.
     with ThreadPoolExecutor(max_workers=min(len(starts), os.cpu_count() or 1) or 1) as pool:
-        parts = list(pool.map(lambda c: _standard_normals(secret_seed, ("noise", step, c), min(CHUNK, numel - starts[c])),
-                              range(len(starts))))  # fmt: skip
+        parts = list(
+            pool.map(
+                lambda c: _standard_normals(secret_seed, ("noise", step, c), min(CHUNK, numel - starts[c])),
+                range(len(starts)),
+            )
+        )
     flat = np.concatenate(parts) if parts else np.zeros(0)
     return torch.from_numpy((flat * std).astype(np.float32)).to(device)

@@ -25,8 +25,15 @@ def _small_cnn(channels: int, num_classes: int) -> nn.Module:
     def block(cin: int, cout: int) -> nn.Sequential:
         return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2))
 
-    return nn.Sequential(block(channels, 32), block(32, 64), block(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Dropout(0.2), nn.Linear(128, num_classes))  # fmt: skip
+    return nn.Sequential(
+        block(channels, 32),
+        block(32, 64),
+        block(64, 128),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(0.2),
+        nn.Linear(128, num_classes),
+    )
 
 
 def _as(images: np.ndarray, size: int, channels: int) -> torch.Tensor:
@@ -45,15 +52,20 @@ def _predict(model: nn.Module, x: torch.Tensor, batch: int = 512) -> torch.Tenso
     return torch.cat([model(x[i : i + batch]).argmax(1) for i in range(0, len(x), batch)])
 
 
-def check_synthetic(synthetic_dir: str | Path, real_dir: str | Path, cfg: CheckConfig, cache_dir: str | Path,
-                    log=print) -> dict:  # fmt: skip
+def check_synthetic(
+    synthetic_dir: str | Path, real_dir: str | Path, cfg: CheckConfig, cache_dir: str | Path, log=print
+) -> dict:
     syn_meta, real_meta = read_metadata(synthetic_dir), read_metadata(real_dir)
     if not syn_meta.get("synthetic"):
-        raise DataError(f"{synthetic_dir}: no synthetic set here (metadata.json has no 'synthetic' record); generate it first")
+        raise DataError(
+            f"{synthetic_dir}: no synthetic set here (metadata.json has no 'synthetic' record); generate it first"
+        )
     if real_meta.get("partition", {}).get("role") == "private":
         raise DataError(f"check.real_data: {real_dir} is the private part of a split; the check uses public data only")
     if syn_meta["classes"] != real_meta["classes"]:
-        raise DataError(f"check.real_data: {real_dir} has classes {real_meta['classes']}, the synthetic set {syn_meta['classes']}")
+        raise DataError(
+            f"check.real_data: {real_dir} has classes {real_meta['classes']}, the synthetic set {syn_meta['classes']}"
+        )
     classes = syn_meta["classes"]
     real_train = load_split(real_dir, "train", cache_dir)
     real_test = load_split(real_dir, "test", cache_dir)
@@ -95,8 +107,10 @@ def check_synthetic(synthetic_dir: str | Path, real_dir: str | Path, cfg: CheckC
         "classifier_trained_on": str(real_dir),
         "classifier_train_seconds": round(time.time() - started, 1),
     }
-    log(f"classifier trained on real public images ({len(y_train)}{', random flips' if cfg.hflip else ''}): real test "
-        f"accuracy {real_acc:.4f} ({real_mirrored_acc:.4f} on the mirrored test images)")
+    log(
+        f"classifier trained on real public images ({len(y_train)}{', random flips' if cfg.hflip else ''}): real test "
+        f"accuracy {real_acc:.4f} ({real_mirrored_acc:.4f} on the mirrored test images)"
+    )
     log(f"{'class':24} synthetic accuracy")
     for name, acc in per_class.items():
         log(f"{name:24} {acc:.4f}")

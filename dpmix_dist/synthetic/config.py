@@ -45,7 +45,9 @@ class UNetConfig:
 
     def __post_init__(self) -> None:
         if not self.block_out_channels or any(c < 1 for c in self.block_out_channels):
-            _fail("unet.block_out_channels", f"must be a non-empty list of positive ints, got {self.block_out_channels}")
+            _fail(
+                "unet.block_out_channels", f"must be a non-empty list of positive ints, got {self.block_out_channels}"
+            )
         if any(c % self.norm_num_groups for c in self.block_out_channels):
             _fail("unet.norm_num_groups", f"{self.norm_num_groups} must divide every block_out_channels entry")
         if self.layers_per_block < 1:
@@ -166,7 +168,9 @@ class ClassesConfig:
 
     def __post_init__(self) -> None:
         if not self.names and not self.from_data:
-            _fail("classes", "give the class names (classes.names) or a data folder to read them from (classes.from_data)")
+            _fail(
+                "classes", "give the class names (classes.names) or a data folder to read them from (classes.from_data)"
+            )
         if self.names and len(set(self.names)) != len(self.names):
             _fail("classes.names", "has duplicates")
         if any(not n.strip() for n in self.names):

@@ -41,11 +41,16 @@ def build_unet(cfg: UNetConfig, image_size: int, channels: int, num_classes: int
     if cfg.attention:
         down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
     return UNet2DModel(
-        sample_size=image_size, in_channels=channels, out_channels=channels,
-        block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
-        down_block_types=tuple(down), up_block_types=tuple(up), norm_num_groups=cfg.norm_num_groups,
+        sample_size=image_size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+        norm_num_groups=cfg.norm_num_groups,
         num_class_embeds=num_classes + 1,  # + the 'no class' id used for classifier-free guidance
-    )  # fmt: skip
+    )
 
 
 def check_public(root: str | Path, meta: dict) -> None:
@@ -105,9 +110,19 @@ def train_diffusion(cfg: DiffusionTrainConfig, *, resume: bool = False, progress
 
     def save_checkpoint() -> None:
         tmp = ckpt_path.with_suffix(".partial")
-        torch.save({"unet": unet.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                    "lr_schedule": lr_schedule.state_dict(), "generator": gen.get_state(), "step": step,
-                    "elapsed": elapsed, "losses": losses}, tmp)  # fmt: skip
+        torch.save(
+            {
+                "unet": unet.state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "lr_schedule": lr_schedule.state_dict(),
+                "generator": gen.get_state(),
+                "step": step,
+                "elapsed": elapsed,
+                "losses": losses,
+            },
+            tmp,
+        )
         os.replace(tmp, ckpt_path)
 
     unet.train()
@@ -152,14 +167,18 @@ def train_diffusion(cfg: DiffusionTrainConfig, *, resume: bool = False, progress
         "num_classes": num_classes,
         "null_class": num_classes,
         "image_shape": [height, width, channels],
-        "trained_on": {"root": str(cfg.data.root), "name": meta.get("name"), "partition": meta.get("partition"),
-                       "train_shards": meta["splits"]["train"]["shards"]},
+        "trained_on": {
+            "root": str(cfg.data.root),
+            "name": meta.get("name"),
+            "partition": meta.get("partition"),
+            "train_shards": meta["splits"]["train"]["shards"],
+        },
         "steps": step,
         "batch_size": t.batch_size,
         "final_loss_mean_last_100": float(np.mean(losses[-100:])),
         "train_seconds": round(elapsed, 1),
         "config": _asdict(cfg),
-    }  # fmt: skip
+    }
     (tmp / GENERATOR_INFO).write_text(json.dumps(info, indent=2))
     for name in ("unet", "scheduler", GENERATOR_INFO):
         target = out / name
@@ -189,8 +208,13 @@ class ClassConditionalSampler:
     """Samples a folder written by `train_diffusion` with classifier-free guidance and a deterministic sampler
     (`ddim` or `dpm`, see `deterministic_scheduler`)."""
 
-    def __init__(self, folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 sampler: str = "ddim"):  # fmt: skip
+    def __init__(
+        self,
+        folder: str | Path,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        sampler: str = "ddim",
+    ):
         folder = Path(folder)
         info_path = folder / GENERATOR_INFO
         if not folder.is_dir():
@@ -199,8 +223,10 @@ class ClassConditionalSampler:
                 "--config fmnist_ddpm` (or point generator.model at a folder it wrote)"
             )
         if not info_path.is_file() or not (folder / "unet").is_dir():
-            raise ModelError(f"generator.model: {folder} is not a class-conditional generator written by "
-                             "launch/train_diffusion.py (no unet/ or dpmix_generator.json)")  # fmt: skip
+            raise ModelError(
+                f"generator.model: {folder} is not a class-conditional generator written by "
+                "launch/train_diffusion.py (no unet/ or dpmix_generator.json)"
+            )
         self.info = json.loads(info_path.read_text())
         self.unet = UNet2DModel.from_pretrained(folder / "unet", torch_dtype=dtype).to(device).eval()
         self.scheduler = deterministic_scheduler(DDPMScheduler.load_config(folder / "scheduler"), sampler)

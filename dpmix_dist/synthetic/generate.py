@@ -46,8 +46,10 @@ def resolve_classes(cfg: GenerateConfig) -> tuple[str, ...]:
     if cfg.classes.from_data:
         data_names = tuple(read_metadata(cfg.classes.from_data)["classes"])
         if names and names != data_names:
-            raise ConfigError(f"classes.names differ from the classes of {cfg.classes.from_data} ({list(data_names)}); "
-                              "give one of the two, or the same names in the same order")  # fmt: skip
+            raise ConfigError(
+                f"classes.names differ from the classes of {cfg.classes.from_data} ({list(data_names)}); "
+                "give one of the two, or the same names in the same order"
+            )
         names = data_names
     if not names:
         raise ConfigError("classes: the class list is empty; give classes.names or a data folder in classes.from_data")
@@ -94,14 +96,19 @@ def _dtype(precision: str, device: torch.device) -> torch.dtype:
 def class_conditional_renderer(gen: GeneratorConfig, classes: tuple[str, ...], device: torch.device) -> Renderer:
     from dpmix_dist.synthetic.diffusion import ClassConditionalSampler
 
-    sampler = ClassConditionalSampler(gen.model, device, _dtype(gen.precision, device),
-                                      sampler="dpm" if gen.scheduler == "dpm" else "ddim")
+    sampler = ClassConditionalSampler(
+        gen.model, device, _dtype(gen.precision, device), sampler="dpm" if gen.scheduler == "dpm" else "ddim"
+    )
     if tuple(sampler.info["classes"]) != classes:
-        raise ConfigError(f"generator.model {gen.model} was trained on classes {sampler.info['classes']}, not {list(classes)}; "
-                          "the synthetic labels would be wrong. Use the data folder it was trained on for classes.from_data")  # fmt: skip
+        raise ConfigError(
+            f"generator.model {gen.model} was trained on classes {sampler.info['classes']}, not {list(classes)}; "
+            "the synthetic labels would be wrong. Use the data folder it was trained on for classes.from_data"
+        )
     if gen.resolution != sampler.image_size:
-        raise ConfigError(f"generator.resolution: {gen.model} renders {sampler.image_size} px images; "
-                          f"set generator.resolution={sampler.image_size} (output_size resizes)")  # fmt: skip
+        raise ConfigError(
+            f"generator.resolution: {gen.model} renders {sampler.image_size} px images; "
+            f"set generator.resolution={sampler.image_size} (output_size resizes)"
+        )
 
     def render(class_ids: list[int], indices: list[int], seeds: list[int]) -> np.ndarray:
         images = sampler.sample(class_ids, seeds, gen.num_inference_steps, gen.guidance_scale)
@@ -123,11 +130,13 @@ def text2image_renderer(gen: GeneratorConfig, classes: tuple[str, ...], device: 
     local = Path(gen.model)
     looks_local = local.is_absolute() or gen.model.startswith(".") or local.exists() or gen.model.count("/") != 1
     if looks_local and not local.is_dir():
-        raise ModelError(f"generator.model: folder {gen.model} does not exist; give a diffusers pipeline folder "
-                         "(save_pretrained layout) or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5")  # fmt: skip
+        raise ModelError(
+            f"generator.model: folder {gen.model} does not exist; give a diffusers pipeline folder "
+            "(save_pretrained layout) or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5"
+        )
     try:
         pipe = AutoPipelineForText2Image.from_pretrained(gen.model, torch_dtype=dtype)
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         where = "a local folder" if local.is_dir() else "a hub id (needs internet once, then the HF cache)"
         raise ModelError(f"generator.model: cannot load {gen.model} as {where}: {str(exc).splitlines()[0]}") from None
     if gen.scheduler != "default":
@@ -146,7 +155,7 @@ def text2image_renderer(gen: GeneratorConfig, classes: tuple[str, ...], device: 
             width=gen.resolution,
             generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],  # per image, device-independent
             output_type="np",
-        )  # fmt: skip
+        )
         images = (np.clip(result.images, 0, 1) * 255).round().astype(np.uint8)
         return resize_uint8(images, gen.output_size)
 
@@ -162,8 +171,15 @@ def make_renderer(cfg: GenerateConfig, classes: tuple[str, ...], device: torch.d
 # ------------------------------------------------------------------------------------------------ the job
 
 
-def _write_shard(path: Path, items: list[tuple[int, int]], per_class: int, render: Renderer, cfg: GenerateConfig,
-                 classes: tuple[str, ...], on_images: Callable[[int], None]) -> None:  # fmt: skip
+def _write_shard(
+    path: Path,
+    items: list[tuple[int, int]],
+    per_class: int,
+    render: Renderer,
+    cfg: GenerateConfig,
+    classes: tuple[str, ...],
+    on_images: Callable[[int], None],
+) -> None:
     partial = path.with_name(f".partial-{path.name}")
     gen, base = cfg.generator, cfg.output.seed
     with open(partial, "wb") as stream:
@@ -210,14 +226,17 @@ def generate(cfg: GenerateConfig, dist, *, progress: bool = True, log: Callable[
             torch.set_num_threads(cfg.generator.num_threads)
         render = make_renderer(cfg, classes, dist.device)
         total = sum(len(shards[s]) for s in todo)
-        bar = dist.progress(progress, total=total, unit="img", desc=f"generate (rank {dist.rank})", dynamic_ncols=True,
-                            smoothing=0.1)  # fmt: skip
+        bar = dist.progress(
+            progress, total=total, unit="img", desc=f"generate (rank {dist.rank})", dynamic_ncols=True, smoothing=0.1
+        )
         started = time.time()
         for s in todo:
             _write_shard(out / SHARD.format(s), shards[s], per_class, render, cfg, classes, bar.update)
         bar.close()
         rate = total / max(time.time() - started, 1e-9)
-        dist.on_main(log, f"rank 0 rendered {total} images in {time.time() - started:.1f} s ({rate:.2f} img/s per process)")
+        dist.on_main(
+            log, f"rank 0 rendered {total} images in {time.time() - started:.1f} s ({rate:.2f} img/s per process)"
+        )
     dist.barrier()
 
     # --- the main process checks the union and writes metadata.json last
@@ -233,11 +252,17 @@ def _pin_settings(out: Path, settings: dict) -> str | None:
     if settings_path.is_file():
         old = json.loads(settings_path.read_text())
         if old != settings:
-            changed = sorted(f"{s}.{k}" for s in settings for k in set(settings[s]) | set(old.get(s, {}))
-                             if not isinstance(settings[s], list) and old.get(s, {}).get(k) != settings[s].get(k))
+            changed = sorted(
+                f"{s}.{k}"
+                for s in settings
+                for k in set(settings[s]) | set(old.get(s, {}))
+                if not isinstance(settings[s], list) and old.get(s, {}).get(k) != settings[s].get(k)
+            )
             changed += ["classes"] if old.get("classes") != settings["classes"] else []
-            error = (f"output.dir {out} holds images generated with other settings ({', '.join(changed)}); "
-                     "use a new output.dir, or delete the folder to start over")  # fmt: skip
+            error = (
+                f"output.dir {out} holds images generated with other settings ({', '.join(changed)}); "
+                "use a new output.dir, or delete the folder to start over"
+            )
     elif out.exists() and any(p.name != SETTINGS for p in out.iterdir()):
         error = f"output.dir {out} is not empty and was not written by launch/generate.py; choose a new folder"
     if error is None:
@@ -284,13 +309,14 @@ def _write_metadata(out: Path, cfg: GenerateConfig, classes: list[str], num_shar
             "output_size": cfg.generator.output_size,
             "precision": cfg.generator.precision,
             "base_seed": cfg.output.seed,
-            "seed_rule": "image j of class c: int.from_bytes(sha256(f'dpmix-synthetic/{base_seed}/{c}/{j}')[:8]) & (2**63-1)",
+            "seed_rule": "image j of class c: "
+            "int.from_bytes(sha256(f'dpmix-synthetic/{base_seed}/{c}/{j}')[:8]) & (2**63-1)",
             "per_class_counts": {name: per_class for name in classes},
             "generator_info": _generator_info(cfg),
             "external_pretrained": cfg.generator.external_pretrained,  # a declaration: see GeneratorConfig
             "public": "images of a generator that never saw the private data",
         },
-    }  # fmt: skip
+    }
     tmp = out / f".{METADATA}.tmp"
     tmp.write_text(json.dumps(meta, indent=2))
     os.replace(tmp, out / METADATA)
