@@ -23,7 +23,7 @@ import pytest
 import torch
 from scipy import optimize, stats
 
-from datagen import class_images
+from dpmix_dist.testing.datagen import class_images
 from dpmix_dist.audit import AuditSettings, GradientCanaries, StoreWithCanaries, input_canary_split, run_audit
 from dpmix_dist.config import load_config
 from dpmix_dist.data.shards import Split, write_dataset

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
-from datagen import class_images, make_synthetic_folder
+from dpmix_dist.testing.datagen import class_images, make_synthetic_folder
 from dpmix_dist.augment import GroupBuilder, draw, self_augment
 from dpmix_dist.config import AugmentConfig, ConfigError, load_config
 from dpmix_dist.data.shards import Split, write_dataset

@@ -15,11 +15,8 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/datagen.py
-
-import datagen  # noqa: E402
-
-from dpmix_dist.config import load_config  # noqa: E402
+from dpmix_dist.config import load_config
+from dpmix_dist.testing import datagen
 
 REPO = Path(__file__).resolve().parent.parent
 NUM_TRAIN, NUM_TEST = 200, 50

@@ -17,15 +17,12 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/datagen.py
-
-import datagen  # noqa: E402
-
-from dpmix_dist.data import shards  # noqa: E402
-from dpmix_dist.data.shards import load_split, read_metadata, write_dataset  # noqa: E402
-from dpmix_dist.data.sources import (  # noqa: E402
+from dpmix_dist.data import shards
+from dpmix_dist.data.shards import load_split, read_metadata, write_dataset
+from dpmix_dist.data.sources import (
     FASHION_MNIST_CLASSES, DataError, read_cifar, read_fashion_mnist, read_image_folder,
 )  # fmt: skip
+from dpmix_dist.testing import datagen
 
 REPO = Path(__file__).resolve().parent.parent
 KINDS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder")

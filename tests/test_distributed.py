@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from datagen import make_fashion_mnist_idx
+from dpmix_dist.testing.datagen import make_fashion_mnist_idx
 
 pytestmark = pytest.mark.slow
 SEED = "424242"
@@ -113,7 +113,7 @@ AUGMENTED = {
 def test_world_size_does_not_change_an_augmented_run(shards, reference, tmp_path, method):
     """Each example's views, mixes and synthetic draws depend on (seed, step, example) only: 1 process (with
     another micro-batch size) and 2 processes give the same model, and the same ε as plain DP-SGD."""
-    from datagen import make_synthetic_folder
+    from dpmix_dist.testing.datagen import make_synthetic_folder
 
     overrides = [f"augment.method={method}", *AUGMENTED[method]]
     if method == "dpmix_diff":

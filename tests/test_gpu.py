@@ -14,7 +14,7 @@ import timm
 import torch
 from torch.func import functional_call
 
-from datagen import make_fashion_mnist_idx
+from dpmix_dist.testing.datagen import make_fashion_mnist_idx
 from dpmix_dist.models import make_dp_model
 from dpmix_dist.privacy.clipping import clipped_sum, group_loss, per_example_grads
 from dpmix_dist.privacy.layerwise import LayerwiseClipper
@@ -115,7 +115,7 @@ def test_synthetic_generation_on_cuda(tmp_path):
     import numpy as np
     import yaml
 
-    from datagen import make_tiny_class_conditional_generator, make_tiny_text2image_pipeline
+    from dpmix_dist.testing.datagen import make_tiny_class_conditional_generator, make_tiny_text2image_pipeline
     from dpmix_dist.data.shards import load_split, read_metadata
     from dpmix_dist.synthetic.diffusion import ClassConditionalSampler
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from datagen import make_fashion_mnist_idx
+from dpmix_dist.testing.datagen import make_fashion_mnist_idx
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from datagen import make_fashion_mnist_idx, make_synthetic_folder
+from dpmix_dist.testing.datagen import make_fashion_mnist_idx, make_synthetic_folder
 from dpmix_dist.data.provenance import check_private_root, check_synthetic_root
 from dpmix_dist.data.shards import read_metadata
 from dpmix_dist.errors import DataError

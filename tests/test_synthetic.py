@@ -19,7 +19,7 @@ import webdataset as wds
 import yaml
 from PIL import Image
 
-from datagen import (
+from dpmix_dist.testing.datagen import (
     class_images, make_fashion_mnist_idx, make_tiny_class_conditional_generator, make_tiny_text2image_pipeline,
 )  # fmt: skip
 from dpmix_dist.data.shards import load_split, read_metadata, write_dataset

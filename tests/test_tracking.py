@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from datagen import make_fashion_mnist_idx
+from dpmix_dist.testing.datagen import make_fashion_mnist_idx
 
 REPO = Path(__file__).resolve().parent.parent
 SEED = "918273645"  # distinctive, so a search for it cannot hit by chance

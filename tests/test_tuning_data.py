@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datagen import make_fashion_mnist_idx
+from dpmix_dist.testing.datagen import make_fashion_mnist_idx
 from dpmix_dist.data.shards import load_split, read_metadata
 from dpmix_dist.data.sources import read_fashion_mnist
 
