@@ -1,4 +1,9 @@
-"""Shared fixtures. Tests run offline: hub lookups are disabled for every test and subprocess."""
+"""What the tests share: the offline environment and the tiny model of the gradient checks.
+
+Tests run offline: hub lookups are disabled for every test and subprocess. Test modules import the helpers below
+(`from conftest import ...`); data in the real file formats and the naive per-group reference live in
+`dpmix_dist.testing`, which the benchmarks use too.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,10 @@ import os
 from pathlib import Path
 
 import pytest
+import timm
 import torch
+
+from dpmix_dist.models import DPModel, make_dp_model
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,6 +30,37 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(scope="session")
-def repo() -> Path:
-    return REPO
+# ---------------------------------------------------------------------------------------------- the tiny model
+
+NUM_CLASSES = 5
+
+# kind -> (timm model, its kwargs, make_dp_model's kwargs): the layer types the clipping engines must get right
+_TINY = {
+    "vit": ("test_vit", dict(img_size=32, init_values=0.1), dict(trainable="all")),  # cls/pos, LayerScale
+    "vit_last": ("test_vit", dict(img_size=32, init_values=0.1),  # LayerNorm, Linear (qkv, proj, mlp), LayerScale
+                 dict(trainable="last_blocks", num_trainable_blocks=2)),
+    "resnet_gn": ("test_resnet", {}, dict(norm="groupnorm", groupnorm_groups=4, trainable="all")),  # Conv2d, GroupNorm
+    "efficientnet": ("test_efficientnet", {}, dict(norm="freeze", trainable="all")),  # depthwise Conv2d, frozen BN
+    "efficientnet_last": ("test_efficientnet", {}, dict(norm="freeze", trainable="last_blocks",
+                                                         num_trainable_blocks=2)),
+    # Conv2dSame (TF 'same' padding, stride 2), depthwise, frozen BN: the offline default's backbone
+    "tf_effnet_lite0_tail": ("tf_efficientnet_lite0", {}, dict(trainable="last_blocks", num_trainable_blocks=5)),
+    "convnext_head": ("test_convnext", {}, dict(trainable="head")),  # LayerNorm2d-free head: norm + Linear
+    # LayerNorm2d stem/downsample norms, depthwise 7x7, LayerNorm, Linear mlp, raw gamma
+    "convnext_all": ("test_convnext", dict(ls_init_value=0.5), dict(trainable="all")),
+    # the conv-mlp variant: 1x1 Conv2d mlp, channels-first
+    "convnext_conv_mlp": ("test_convnext", dict(ls_init_value=0.5, conv_mlp=True), dict(trainable="all")),
+}  # fmt: skip
+
+
+def tiny_dp_model(kind: str, **timm_kwargs) -> DPModel:
+    """A tiny timm model of `kind` (random weights, seed 0, NUM_CLASSES classes), DP-ready, with a random classifier
+    weight (a real run starts it at zero; random here so that every trainable layer gets a non-zero gradient).
+    `timm_kwargs` add to or replace the kind's timm arguments (e.g. ViT's `reg_tokens`)."""
+    name, model_kwargs, dp_kwargs = _TINY[kind]
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=NUM_CLASSES, **{**model_kwargs, **timm_kwargs})
+    dp = make_dp_model(model, **dp_kwargs)
+    with torch.no_grad():
+        dp.model.get_classifier().weight.normal_(0, 0.5)
+    return dp

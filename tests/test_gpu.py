@@ -10,37 +10,32 @@ import sys
 from pathlib import Path
 
 import pytest
-import timm
 import torch
+from conftest import NUM_CLASSES, tiny_dp_model
 from torch.func import functional_call
 
-from dpmix_dist.testing.datagen import make_fashion_mnist_idx
-from dpmix_dist.models import make_dp_model
-from dpmix_dist.privacy.clipping import clipped_sum, group_loss, per_example_grads
+from dpmix_dist.privacy.clipping import clipped_sum, per_example_grads
 from dpmix_dist.privacy.layerwise import LayerwiseClipper
 from dpmix_dist.privacy.mechanism import PrivateGradient
+from dpmix_dist.testing.datagen import make_fashion_mnist_idx
+from dpmix_dist.testing.reference import naive_clipped_sum, naive_group_grads
 
 pytestmark = pytest.mark.gpu
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("name,kwargs", [("test_vit", {"img_size": 32, "init_values": 0.1}), ("test_efficientnet", {})])
-def test_per_group_grads_on_cuda_match_naive_loop(name, kwargs):
-    torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=5, **kwargs)
-    dp = make_dp_model(model, trainable="all")
+@pytest.mark.parametrize("kind", ["vit", "efficientnet"])
+def test_per_group_grads_on_cuda_match_naive_loop(kind):
+    dp = tiny_dp_model(kind)
     dp.model.cuda()
-    with torch.no_grad():
-        dp.model.get_classifier().weight.normal_(0, 0.5)
     x = torch.randn(4, 2, 3, 32, 32, device="cuda")
-    y = torch.randint(0, 5, (4, 2), device="cuda")
+    y = torch.randint(0, NUM_CLASSES, (4, 2), device="cuda")
     params = {n: p.detach() for n, p in dp.trainable_params().items()}
     fast, _ = per_example_grads(lambda p, v: functional_call(dp.tail_module, p, (v,)), params, x, y)
-    trainable = dp.trainable_params()
-    for i in range(4):
-        naive = torch.autograd.grad(group_loss(dp.split.tail(x[i]), y[i]), list(trainable.values()))
-        for (n, g_fast), g in zip(fast.items(), naive):
-            assert torch.allclose(g_fast[i], g, atol=1e-4, rtol=1e-3), n
+    naive, _ = naive_group_grads(dp.split.tail, dp.trainable_params(), x, y)
+    assert list(fast) == list(naive)
+    for n in naive:
+        assert torch.allclose(fast[n], naive[n], atol=1e-4, rtol=1e-3), n
     assert all(v.is_cuda for v in clipped_sum(fast, 1.0).values())
 
 
@@ -73,18 +68,15 @@ def test_end_to_end_run_on_cuda(tmp_path):
 
 
 def _layerwise_vs_naive(kind: str, num_views: int, device: str) -> None:
-    from test_layerwise import NUM_CLASSES, _model, _naive
-
-    dp = _model(kind)
+    dp = tiny_dp_model(kind)
     dp.model.to(device)
     with torch.no_grad():
-        dp.model.get_classifier().weight.normal_(0, 0.5)
         feats = dp.split.prefix(torch.randn(5 * num_views, 3, 32, 32, device=device))
     inputs = feats.view(5, num_views, *feats.shape[1:])
     targets = torch.randint(0, NUM_CLASSES, (5, num_views), device=device)
-    _, norms = _naive(dp, inputs, targets, 1.0)
+    grads, norms = naive_group_grads(dp.split.tail, dp.trainable_params(), inputs, targets)
     max_norm = float(norms.median())
-    expected, _ = _naive(dp, inputs, targets, max_norm)
+    expected = naive_clipped_sum(grads, norms, max_norm)
     engine = LayerwiseClipper(dp.tail_module, dp.trainable_params())
     got, _ = engine.clipped_sum(inputs, targets, max_norm)
     for name in expected:
@@ -93,7 +85,8 @@ def _layerwise_vs_naive(kind: str, num_views: int, device: str) -> None:
     # bf16: the engine may lose no more than bf16 itself loses in the naive loop (both against the fp32 reference)
     half, _ = engine.clipped_sum(inputs, targets, max_norm, autocast_dtype=torch.bfloat16)
     with torch.autocast(device, dtype=torch.bfloat16):
-        naive_half, _ = _naive(dp, inputs, targets, max_norm)
+        naive_half = naive_clipped_sum(*naive_group_grads(dp.split.tail, dp.trainable_params(), inputs, targets),
+                                       max_norm)
     flat = lambda d: torch.cat([g.float().flatten() for g in d.values()])  # noqa: E731
     ref = flat(expected)
     assert all(g.dtype == torch.float32 for g in half.values())  # sums stay fp32 under bf16 autocast
@@ -115,9 +108,9 @@ def test_synthetic_generation_on_cuda(tmp_path):
     import numpy as np
     import yaml
 
-    from dpmix_dist.testing.datagen import make_tiny_class_conditional_generator, make_tiny_text2image_pipeline
     from dpmix_dist.data.shards import load_split, read_metadata
     from dpmix_dist.synthetic.diffusion import ClassConditionalSampler
+    from dpmix_dist.testing.datagen import make_tiny_class_conditional_generator, make_tiny_text2image_pipeline
 
     pipe = make_tiny_text2image_pipeline(tmp_path / "pipe")
     cfg = {
