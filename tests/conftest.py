@@ -1,13 +1,14 @@
-"""What the tests share: the offline environment and the tiny model of the gradient checks.
+"""What the tests share: the offline environment, the subprocess helpers and the tiny model of the gradient checks.
 
-Tests run offline: hub lookups are disabled for every test and subprocess. Test modules import the helpers below
-(`from conftest import ...`); data in the real file formats and the naive per-group reference live in
+Tests run offline: hub lookups are disabled for every test and every subprocess. Test modules import the helpers
+below (`from conftest import ...`); data in the real file formats and the naive per-group reference live in
 `dpmix_dist.testing`, which the benchmarks use too.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,32 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# ---------------------------------------------------------------------------------------------- subprocesses
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a rendezvous or a server a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def offline_env(**extra: str | None) -> dict[str, str]:
+    """The environment for a subprocess a test runs: this process's, offline (HF_HUB_OFFLINE=1), unbuffered, with
+    this checkout first on PYTHONPATH (a script run from another folder imports the code under test, not some
+    installed copy) and without the caller's MLFLOW_TRACKING_URI (a run logs where its config says, never to the
+    caller's server). `extra` sets more variables; a value of None removes one."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    for key, value in extra.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
 
 
 # ---------------------------------------------------------------------------------------------- the tiny model

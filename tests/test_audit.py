@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, offline_env
 from scipy import optimize, stats
 
-from dpmix_dist.testing.datagen import class_images
 from dpmix_dist.audit import AuditSettings, GradientCanaries, StoreWithCanaries, input_canary_split, run_audit
 from dpmix_dist.config import load_config
 from dpmix_dist.data.shards import Split, write_dataset
@@ -31,8 +31,7 @@ from dpmix_dist.data.store import ExampleStore
 from dpmix_dist.data.sources import RawDataset, RawSplit
 from dpmix_dist.privacy import audit as A
 from dpmix_dist.privacy.mechanism import PrivateGradient
-
-REPO = Path(__file__).resolve().parent.parent
+from dpmix_dist.testing.datagen import class_images
 
 
 def _p(epsilon: float) -> float:
@@ -361,7 +360,7 @@ def test_augmented_runs_take_input_canaries_through_the_group_builder(private_da
 
 def test_help_explains_the_audit():
     out = subprocess.run([sys.executable, "launch/audit.py", "--help"], cwd=REPO, capture_output=True, text=True,
-                         check=True)
+                         check=True, env=offline_env())
     for words in ("Steinke", "gradient canaries", "input canaries", "FLAGGED", "Bonferroni", "--canary-direction"):
         assert words in out.stdout
 

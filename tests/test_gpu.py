@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import NUM_CLASSES, tiny_dp_model
+from conftest import NUM_CLASSES, REPO, offline_env, tiny_dp_model
 from torch.func import functional_call
 
 from dpmix_dist.privacy.clipping import clipped_sum, per_example_grads
@@ -21,7 +19,6 @@ from dpmix_dist.testing.datagen import make_fashion_mnist_idx
 from dpmix_dist.testing.reference import naive_clipped_sum, naive_group_grads
 
 pytestmark = pytest.mark.gpu
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("kind", ["vit", "efficientnet"])
@@ -54,12 +51,12 @@ def test_end_to_end_run_on_cuda(tmp_path):
     raw = make_fashion_mnist_idx(tmp_path / "idx", num_train=240, num_test=60)
     shards = tmp_path / "shards"
     subprocess.run([sys.executable, "launch/prepare_data.py", "fashion_mnist", "--source", str(raw), "--out", str(shards)],
-                   cwd=REPO, check=True)
+                   cwd=REPO, check=True, env=offline_env())
     out = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "launch/finetune.py", "--config", "tiny_test", "--seed", "5", "--output-dir", str(out),
          f"data.root={shards}", f"data.cache_dir={tmp_path / 'cache'}"],
-        cwd=REPO, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=600,
+        cwd=REPO, capture_output=True, text=True, env=offline_env(), timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -121,7 +118,7 @@ def test_synthetic_generation_on_cuda(tmp_path):
     }  # fmt: skip
     (tmp_path / "gen.yaml").write_text(yaml.safe_dump(cfg))
     proc = subprocess.run([sys.executable, "launch/generate.py", "--config", str(tmp_path / "gen.yaml"), "--no-progress"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)  # fmt: skip
+                          cwd=REPO, capture_output=True, text=True, timeout=600, env=offline_env())  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     meta = read_metadata(tmp_path / "out")
     assert meta["splits"]["train"]["class_counts"] == [6, 6]
@@ -132,7 +129,7 @@ def test_synthetic_generation_on_cuda(tmp_path):
     raw = make_fashion_mnist_idx(tmp_path / "idx", num_train=40, num_test=10)
     subprocess.run([sys.executable, "launch/prepare_data.py", "fashion_mnist", "--source", str(raw), "--out",
                     str(tmp_path / "priv"), "--public-out", str(tmp_path / "pub"), "--public-count", "20"],
-                   cwd=REPO, check=True)  # fmt: skip
+                   cwd=REPO, check=True, env=offline_env())  # fmt: skip
     gen = make_tiny_class_conditional_generator(tmp_path / "gen", tmp_path / "pub")
     on_cpu = ClassConditionalSampler(gen).sample([0, 1, 2], [5, 6, 7], steps=5, guidance=2.0)
     on_gpu = ClassConditionalSampler(gen, device="cuda").sample([0, 1, 2], [5, 6, 7], steps=5, guidance=2.0)
