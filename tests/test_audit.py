@@ -218,15 +218,6 @@ NUM_CANARIES = {"dirac": 12_000, "gaussian": 2_000}
 NUM_CLASSES = 50  # the tiny config's model has 256 features: a head of 256·50 + 50 = 12,850 parameters
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny per-step tensors: one thread is fastest, and on a shared 2-core machine several are much slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def private_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("audit")

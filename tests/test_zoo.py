@@ -10,18 +10,8 @@ resulting coverage table.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from dpmix_dist.testing.zoo import FAMILIES, KNOWN_BAD_FALLBACK, LAYERWISE, FunctorchMismatch, check
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose much when the CPU is shared (10x measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(
