@@ -22,11 +22,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="session", autouse=True)
 def _one_intra_op_thread():
-    """Every test starts on one torch thread (and gets its caller's count back after). The models and batches here
-    are tiny: more threads gain nothing, and on shared cores they lose much, as each op waits for its slowest thread
-    (measured on 2 busy cores: a clipping check 11 s -> 0.6 s, an augmented train step 20 s -> 6 s)."""
+    """The session runs on one torch thread, module fixtures included (the count is restored at the end). The models
+    and batches here are tiny: more threads gain nothing, and on shared cores they lose much, as each op waits for
+    its slowest thread (measured on 2 busy cores: a clipping check 11 s -> 0.6 s, an augmented train step
+    20 s -> 6 s). Subprocesses keep their own settings (OMP_NUM_THREADS where a module sets it)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
