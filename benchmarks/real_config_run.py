@@ -18,10 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
+from dpmix_dist.testing.datagen import make_cifar_tarball
 
-from datagen import make_cifar_tarball  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def main() -> int:

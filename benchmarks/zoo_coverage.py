@@ -1,27 +1,23 @@
 """Which timm architecture families the layer-wise clipping engine runs, and what forces the others to fall back.
 
-Runs tests/test_zoo.py's check on each family (tiny width and depth, random weights; trainable = all parameters and
-= the last stage / block + head; K = 1 and 4 group members) and prints a Markdown table: `layer-wise` where the
-engine's clipped sum equalled the naive per-group loop, else the classes its constructor refused (then
-`performance.engine=auto` falls back to functorch, which the check also compares with the naive loop). Nothing is
-timed: a correctness table, run offline in under a minute on 2 CPU cores.
+Runs `dpmix_dist/testing/zoo.py`'s check, the one tests/test_zoo.py runs, on each family (tiny width and depth,
+random weights; trainable = all parameters and = the last stage / block + head; K = 1 and 4 group members) and prints
+a Markdown table: `layer-wise` where the engine's clipped sum equalled the naive per-group loop, else the classes its
+constructor refused (then `performance.engine=auto` falls back to functorch, which the check also compares with the
+naive loop). Nothing is timed: a correctness table, run offline in under a minute on 2 CPU cores.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/zoo_coverage.py
 """
 
 from __future__ import annotations
 
-import sys
 import warnings
-from pathlib import Path
 
 import timm
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from test_zoo import FAMILIES, FunctorchMismatch, build, check  # noqa: E402 - the zoo and its check live with the test
-
-from dpmix_dist.privacy.layerwise import LayerwiseClipper, UnsupportedLayer  # noqa: E402
+from dpmix_dist.privacy.layerwise import LayerwiseClipper, UnsupportedLayer
+from dpmix_dist.testing.zoo import FAMILIES, FunctorchMismatch, build, check
 
 
 def _cell(name: str, trainable: str) -> str:

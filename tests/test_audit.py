@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, offline_env
 from scipy import optimize, stats
 
-from datagen import class_images
 from dpmix_dist.audit import AuditSettings, GradientCanaries, StoreWithCanaries, input_canary_split, run_audit
 from dpmix_dist.config import load_config
 from dpmix_dist.data.shards import Split, write_dataset
@@ -31,8 +31,8 @@ from dpmix_dist.data.store import ExampleStore
 from dpmix_dist.data.sources import RawDataset, RawSplit
 from dpmix_dist.privacy import audit as A
 from dpmix_dist.privacy.mechanism import PrivateGradient
+from dpmix_dist.testing.datagen import class_images
 
-REPO = Path(__file__).resolve().parent.parent
 HEAD = ("model.trainable=head", "model.num_trainable_blocks=null")  # tiny_test trains its last 2 blocks: the head only
 
 
@@ -220,15 +220,6 @@ NUM_CANARIES = {"dirac": 12_000, "gaussian": 2_000}
 NUM_CLASSES = 50  # the tiny config's model has 256 features: a head of 256·50 + 50 = 12,850 parameters
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny per-step tensors: one thread is fastest, and on a shared 2-core machine several are much slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def private_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("audit")
@@ -362,7 +353,7 @@ def test_augmented_runs_take_input_canaries_through_the_group_builder(private_da
 
 def test_help_explains_the_audit():
     out = subprocess.run([sys.executable, "launch/audit.py", "--help"], cwd=REPO, capture_output=True, text=True,
-                         check=True)
+                         check=True, env=offline_env())
     for words in ("Steinke", "gradient canaries", "input canaries", "FLAGGED", "Bonferroni", "--canary-direction"):
         assert words in out.stdout
 

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
-from datagen import class_images, make_synthetic_folder
 from dpmix_dist.augment import GroupBuilder, draw, self_augment
 from dpmix_dist.config import AugmentConfig, ConfigError, load_config
 from dpmix_dist.data.shards import Split, write_dataset
@@ -21,6 +20,8 @@ from dpmix_dist.data.sources import RawDataset, RawSplit
 from dpmix_dist.distributed import Distributed
 from dpmix_dist.errors import DataError
 from dpmix_dist.privacy.sampling import owned_indices, sample_local
+from dpmix_dist.testing.datagen import class_images, make_synthetic_folder
+from dpmix_dist.testing.reference import naive_clipped_sum, naive_group_grads
 from dpmix_dist.train import Trainer, plan_guarantee
 
 CLASSES = [f"c{i}" for i in range(10)]
@@ -210,12 +211,12 @@ def test_replacing_one_example_changes_no_other_examples_clipped_gradient(data, 
 
 
 def _naive_clipped_sum(trainer: Trainer, chunk: torch.Tensor) -> torch.Tensor:
-    """Autograd on each group alone, built one member at a time from the draws: the reference."""
+    """The reference: each group built one member at a time from the draws, then the naive per-group loop (autograd
+    on each group alone, clip, sum). Flat, in the order of the trainer's parameters."""
     spec, store = trainer.config.augment, trainer.train_store
-    params = list(trainer.params.values())
-    device = params[0].device
-    total = torch.zeros(sum(p.numel() for p in params), device=device)
+    device = next(iter(trainer.params.values())).device
     draws = trainer.groups.draws(SEED, trainer.step, chunk) if trainer.groups else None
+    groups, group_targets = [], []
     for r, i in enumerate(chunk.tolist()):
         x = trainer._to_input(store.split.images[[i]])[0]
         label = F.one_hot(torch.tensor(int(store.split.labels[i])), 10).float().to(device)
@@ -235,11 +236,11 @@ def _naive_clipped_sum(trainer: Trainer, chunk: torch.Tensor) -> torch.Tensor:
                 members, targets = [], []
             members += [m for m, _ in mixes]
             targets += [t for _, t in mixes]
-        logits = trainer.dp_model.logits(torch.stack(members))
-        loss = sum(-(t * F.log_softmax(l, -1)).sum() for l, t in zip(logits, targets)) / len(members)
-        grad = torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
-        total += grad * min(1.0, trainer.guarantee.max_grad_norm / (float(grad.norm()) + 1e-6))
-    return total
+        groups.append(torch.stack(members))
+        group_targets.append(torch.stack(targets))
+    grads, norms = naive_group_grads(trainer.dp_model.logits, trainer.params, groups, group_targets)
+    summed = naive_clipped_sum(grads, norms, trainer.guarantee.max_grad_norm)
+    return torch.cat([summed[n].flatten() for n in trainer.params])
 
 
 @pytest.mark.parametrize("engine", ["layerwise", "functorch"])

@@ -13,25 +13,21 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO, offline_env
 from safetensors import safe_open
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/datagen.py
+from dpmix_dist.config import load_config
+from dpmix_dist.testing import datagen
 
-import datagen  # noqa: E402
-
-from dpmix_dist.config import load_config  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
 NUM_TRAIN, NUM_TEST = 200, 50
 SECRET_SEED = 918273645  # unusual, so that finding it in an output means it leaked
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 pytestmark = pytest.mark.slow
 
 
 def run(args: list, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=ENV
+        [sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=offline_env()
     )
 
 

@@ -3,58 +3,18 @@
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
+from conftest import NUM_CLASSES, tiny_dp_model
 from torch.func import functional_call
 
-from dpmix_dist.models import make_dp_model
-from dpmix_dist.privacy.clipping import clip_factors, clipped_sum, group_loss, per_example_grads, per_example_norms
-
-NUM_CLASSES = 5
-
-
-def _tiny(kind: str):
-    """Tiny timm models covering the layer types: ViT (LayerScale, cls/pos), ResNet (GroupNorm), EfficientNet (frozen BN)."""
-    torch.manual_seed(0)
-    if kind == "vit":
-        model = timm.create_model("test_vit", num_classes=NUM_CLASSES, img_size=32, init_values=0.1)
-        return make_dp_model(model, trainable="all")
-    if kind == "resnet_gn":
-        model = timm.create_model("test_resnet", num_classes=NUM_CLASSES)
-        return make_dp_model(model, norm="groupnorm", groupnorm_groups=4, trainable="all")
-    if kind == "efficientnet":
-        model = timm.create_model("test_efficientnet", num_classes=NUM_CLASSES)
-        return make_dp_model(model, norm="freeze", trainable="all")
-    if kind == "efficientnet_last":
-        model = timm.create_model("test_efficientnet", num_classes=NUM_CLASSES)
-        return make_dp_model(model, norm="freeze", trainable="last_blocks", num_trainable_blocks=2)
-    raise ValueError(kind)
-
-
-def _randomize_head(dp_model):
-    # The classifier starts at zero in real runs; random here so that every layer gets a non-zero gradient.
-    with torch.no_grad():
-        for p in dp_model.model.get_classifier().parameters():
-            p.normal_(0, 0.5)
-
-
-def _naive_group_grads(dp_model, inputs, targets):
-    """Reference: for each group alone, autograd of the mean loss over its members."""
-    params = dp_model.trainable_params()
-    out = {name: [] for name in params}
-    for x, y in zip(inputs, targets):
-        loss = group_loss(dp_model.split.tail(x), y)
-        grads = torch.autograd.grad(loss, list(params.values()))
-        for name, g in zip(params, grads):
-            out[name].append(g)
-    return {name: torch.stack(gs) for name, gs in out.items()}
+from dpmix_dist.privacy.clipping import clip_factors, clipped_sum, per_example_grads, per_example_norms
+from dpmix_dist.testing.reference import naive_clipped_sum, naive_group_grads
 
 
 @pytest.mark.parametrize("kind", ["vit", "resnet_gn", "efficientnet", "efficientnet_last"])
 @pytest.mark.parametrize("num_views", [1, 3])
 def test_per_group_grads_and_clipped_sum_match_naive_loop(kind, num_views):
-    dp_model = _tiny(kind)
-    _randomize_head(dp_model)
+    dp_model = tiny_dp_model(kind)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         images = torch.randn(4 * num_views, 3, 32, 32, generator=gen)
@@ -70,19 +30,16 @@ def test_per_group_grads_and_clipped_sum_match_naive_loop(kind, num_views):
     forward = lambda p, x: functional_call(dp_model.tail_module, p, (x,))  # noqa: E731
     for tgt in targets_list:
         fast, losses = per_example_grads(forward, params, inputs, tgt)
-        naive = _naive_group_grads(dp_model, inputs, tgt)
+        naive, norms = naive_group_grads(dp_model.split.tail, dp_model.trainable_params(), inputs, tgt)
         assert set(fast) == set(naive) and len(fast) == len(dp_model.trainable_names)
         for name in naive:
             assert torch.allclose(fast[name], naive[name], atol=1e-5, rtol=1e-4), name
             assert naive[name].abs().sum() > 0, f"{name} got no gradient: the check would be vacuous"
-        # clipped sum == Σ_i g_i · min(1, C/||g_i||) computed by hand on the naive gradients
-        norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in naive.values()))
+        # clipped sum == Σ_i g_i · min(1, C/||g_i||) computed group by group on the naive gradients
         max_norm = float(norms.median())  # some groups clipped, some not
-        summed = clipped_sum(fast, max_norm)
-        for name, g in naive.items():
-            factors = torch.clamp(max_norm / (norms + 1e-6), max=1.0)
-            expected = (g * factors.view(-1, *[1] * (g.dim() - 1))).sum(0)
-            assert torch.allclose(summed[name], expected, atol=1e-5, rtol=1e-4), name
+        summed, expected = clipped_sum(fast, max_norm), naive_clipped_sum(naive, norms, max_norm)
+        for name in naive:
+            assert torch.allclose(summed[name], expected[name], atol=1e-5, rtol=1e-4), name
         assert losses.shape == (4,)
 
 
@@ -104,8 +61,7 @@ def test_clipped_norms_are_at_most_c():
 
 def test_sensitivity_replacing_one_example_changes_only_its_contribution():
     """Each group's clipped gradient depends on that example alone: replace example j, the rest stay put."""
-    dp_model = _tiny("efficientnet_last")
-    _randomize_head(dp_model)
+    dp_model = tiny_dp_model("efficientnet_last")
     params = {n: p.detach() for n, p in dp_model.trainable_params().items()}
     forward = lambda p, x: functional_call(dp_model.tail_module, p, (x,))  # noqa: E731
     gen = torch.Generator().manual_seed(2)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,19 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
+from conftest import REPO, offline_env
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/datagen.py
-
-import datagen  # noqa: E402
-
-from dpmix_dist.data import shards  # noqa: E402
-from dpmix_dist.data.shards import load_split, read_metadata, write_dataset  # noqa: E402
-from dpmix_dist.data.sources import (  # noqa: E402
+from dpmix_dist.data import shards
+from dpmix_dist.data.shards import load_split, read_metadata, write_dataset
+from dpmix_dist.data.sources import (
     FASHION_MNIST_CLASSES, DataError, read_cifar, read_fashion_mnist, read_image_folder,
 )  # fmt: skip
+from dpmix_dist.testing import datagen
 
-REPO = Path(__file__).resolve().parent.parent
 KINDS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder")
 
 
@@ -35,7 +31,7 @@ def prepare(*args: str) -> subprocess.CompletedProcess:
     """Run launch/prepare_data.py as a user would."""
     return subprocess.run(
         [sys.executable, "launch/prepare_data.py", *map(str, args)],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=offline_env(),
     )  # fmt: skip
 
 

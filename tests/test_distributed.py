@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,25 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, free_port, offline_env
 from safetensors.torch import load_file
 
-from datagen import make_fashion_mnist_idx
+from dpmix_dist.testing.datagen import make_fashion_mnist_idx, make_synthetic_folder
 
 pytestmark = pytest.mark.slow
 SEED = "424242"
-REPO = Path(__file__).resolve().parent.parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    return env
+def _env() -> dict[str, str]:
+    return offline_env(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=None)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +33,7 @@ def shards(tmp_path_factory) -> Path:
     raw = make_fashion_mnist_idx(root / "idx", num_train=240, num_test=60)
     out = root / "shards"
     subprocess.run([sys.executable, "launch/prepare_data.py", "fashion_mnist", "--source", str(raw), "--out", str(out)],
-                   cwd=REPO, check=True, capture_output=True)
+                   cwd=REPO, check=True, capture_output=True, env=offline_env())
     return out
 
 
@@ -58,7 +49,7 @@ def _train_args(shards: Path, out: Path, cache: Path, *overrides: str) -> list[s
 
 
 def _run(num_processes: int, shards: Path, out: Path, *overrides: str, timeout: int = 300) -> dict:
-    cmd = _launch_cmd(num_processes, _free_port()) + _train_args(shards, out, out.parent / "cache", *overrides)
+    cmd = _launch_cmd(num_processes, free_port()) + _train_args(shards, out, out.parent / "cache", *overrides)
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert SEED not in proc.stdout + proc.stderr.replace(f"--seed {SEED}", "")
@@ -113,8 +104,6 @@ AUGMENTED = {
 def test_world_size_does_not_change_an_augmented_run(shards, reference, tmp_path, method):
     """Each example's views, mixes and synthetic draws depend on (seed, step, example) only: 1 process (with
     another micro-batch size) and 2 processes give the same model, and the same ε as plain DP-SGD."""
-    from datagen import make_synthetic_folder
-
     overrides = [f"augment.method={method}", *AUGMENTED[method]]
     if method == "dpmix_diff":
         classes = json.loads((shards / "metadata.json").read_text())["classes"]
@@ -132,7 +121,7 @@ def test_world_size_does_not_change_an_augmented_run(shards, reference, tmp_path
 
 def test_different_seed_gives_a_different_model(shards, reference, tmp_path):
     out = tmp_path / "run"
-    cmd = _launch_cmd(1, _free_port()) + _train_args(shards, out, tmp_path / "cache")
+    cmd = _launch_cmd(1, free_port()) + _train_args(shards, out, tmp_path / "cache")
     cmd[cmd.index(SEED)] = "7"
     subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, check=True, timeout=300)
     a, b = load_file(reference / "model.safetensors"), load_file(out / "model.safetensors")
@@ -140,7 +129,7 @@ def test_different_seed_gives_a_different_model(shards, reference, tmp_path):
 
 
 def test_two_simulated_nodes_match_one_process(shards, reference, tmp_path):
-    port, out = _free_port(), tmp_path / "run"
+    port, out = free_port(), tmp_path / "run"
     procs = []
     for machine_rank in (0, 1):
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/multinode.yaml",
@@ -158,7 +147,7 @@ def test_two_simulated_nodes_match_one_process(shards, reference, tmp_path):
 def test_interrupted_run_resumes_to_the_same_model(shards, reference, tmp_path):
     out = tmp_path / "run"
     # slow the steps a little so the signal lands mid-run, and checkpoint every step
-    cmd = _launch_cmd(2, _free_port()) + _train_args(shards, out, tmp_path / "cache", "run.checkpoint_every_epochs=0.1")
+    cmd = _launch_cmd(2, free_port()) + _train_args(shards, out, tmp_path / "cache", "run.checkpoint_every_epochs=0.1")
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     deadline = time.time() + 240
@@ -171,7 +160,7 @@ def test_interrupted_run_resumes_to_the_same_model(shards, reference, tmp_path):
     assert proc.returncode != 0
     assert (out / "checkpoint.pt").exists()
     assert (os.stat(out / "checkpoint.pt").st_mode & 0o777) == 0o600  # private artifact: holds the seed
-    resumed = subprocess.run(_launch_cmd(2, _free_port()) + _train_args(shards, out, tmp_path / "cache") + ["--resume"],
+    resumed = subprocess.run(_launch_cmd(2, free_port()) + _train_args(shards, out, tmp_path / "cache") + ["--resume"],
                              cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert not (out / "checkpoint.pt").exists()
@@ -193,7 +182,7 @@ def test_check_identical_detects_diverged_ranks(tmp_path):
         f"open(f'{tmp_path}/rank{{d.rank}}.txt', 'w').write(result)\n"
         "d.close()\n"
     )
-    proc = subprocess.run(_launch_cmd(2, _free_port()) + [str(script)], cwd=REPO, env=_env(), capture_output=True,
+    proc = subprocess.run(_launch_cmd(2, free_port()) + [str(script)], cwd=REPO, env=_env(), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for rank in (0, 1):  # every rank sees the divergence, not only the one that differs

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from datagen import class_images, make_synthetic_folder
 from dpmix_dist.config import load_config
 from dpmix_dist.data.shards import write_dataset
 from dpmix_dist.data.sources import RawDataset, RawSplit
 from dpmix_dist.distributed import Distributed
+from dpmix_dist.testing.datagen import class_images, make_synthetic_folder
 from dpmix_dist.train import Trainer
 
 CLASSES = [f"c{i}" for i in range(10)]

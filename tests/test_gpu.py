@@ -4,43 +4,35 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import timm
 import torch
+from conftest import NUM_CLASSES, REPO, offline_env, tiny_dp_model
 from torch.func import functional_call
 
-from datagen import make_fashion_mnist_idx
-from dpmix_dist.models import make_dp_model
-from dpmix_dist.privacy.clipping import clipped_sum, group_loss, per_example_grads
+from dpmix_dist.privacy.clipping import clipped_sum, per_example_grads
 from dpmix_dist.privacy.layerwise import LayerwiseClipper
 from dpmix_dist.privacy.mechanism import PrivateGradient
+from dpmix_dist.testing.datagen import make_fashion_mnist_idx
+from dpmix_dist.testing.reference import naive_clipped_sum, naive_group_grads
 
 pytestmark = pytest.mark.gpu
-REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("name,kwargs", [("test_vit", {"img_size": 32, "init_values": 0.1}), ("test_efficientnet", {})])
-def test_per_group_grads_on_cuda_match_naive_loop(name, kwargs):
-    torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=5, **kwargs)
-    dp = make_dp_model(model, trainable="all")
+@pytest.mark.parametrize("kind", ["vit", "efficientnet"])
+def test_per_group_grads_on_cuda_match_naive_loop(kind):
+    dp = tiny_dp_model(kind)
     dp.model.cuda()
-    with torch.no_grad():
-        dp.model.get_classifier().weight.normal_(0, 0.5)
     x = torch.randn(4, 2, 3, 32, 32, device="cuda")
-    y = torch.randint(0, 5, (4, 2), device="cuda")
+    y = torch.randint(0, NUM_CLASSES, (4, 2), device="cuda")
     params = {n: p.detach() for n, p in dp.trainable_params().items()}
     fast, _ = per_example_grads(lambda p, v: functional_call(dp.tail_module, p, (v,)), params, x, y)
-    trainable = dp.trainable_params()
-    for i in range(4):
-        naive = torch.autograd.grad(group_loss(dp.split.tail(x[i]), y[i]), list(trainable.values()))
-        for (n, g_fast), g in zip(fast.items(), naive):
-            assert torch.allclose(g_fast[i], g, atol=1e-4, rtol=1e-3), n
+    naive, _ = naive_group_grads(dp.split.tail, dp.trainable_params(), x, y)
+    assert list(fast) == list(naive)
+    for n in naive:
+        assert torch.allclose(fast[n], naive[n], atol=1e-4, rtol=1e-3), n
     assert all(v.is_cuda for v in clipped_sum(fast, 1.0).values())
 
 
@@ -59,12 +51,12 @@ def test_end_to_end_run_on_cuda(tmp_path):
     raw = make_fashion_mnist_idx(tmp_path / "idx", num_train=240, num_test=60)
     shards = tmp_path / "shards"
     subprocess.run([sys.executable, "launch/prepare_data.py", "fashion_mnist", "--source", str(raw), "--out", str(shards)],
-                   cwd=REPO, check=True)
+                   cwd=REPO, check=True, env=offline_env())
     out = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "launch/finetune.py", "--config", "tiny_test", "--seed", "5", "--output-dir", str(out),
          f"data.root={shards}", f"data.cache_dir={tmp_path / 'cache'}"],
-        cwd=REPO, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=600,
+        cwd=REPO, capture_output=True, text=True, env=offline_env(), timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -73,18 +65,15 @@ def test_end_to_end_run_on_cuda(tmp_path):
 
 
 def _layerwise_vs_naive(kind: str, num_views: int, device: str) -> None:
-    from test_layerwise import NUM_CLASSES, _model, _naive
-
-    dp = _model(kind)
+    dp = tiny_dp_model(kind)
     dp.model.to(device)
     with torch.no_grad():
-        dp.model.get_classifier().weight.normal_(0, 0.5)
         feats = dp.split.prefix(torch.randn(5 * num_views, 3, 32, 32, device=device))
     inputs = feats.view(5, num_views, *feats.shape[1:])
     targets = torch.randint(0, NUM_CLASSES, (5, num_views), device=device)
-    _, norms = _naive(dp, inputs, targets, 1.0)
+    grads, norms = naive_group_grads(dp.split.tail, dp.trainable_params(), inputs, targets)
     max_norm = float(norms.median())
-    expected, _ = _naive(dp, inputs, targets, max_norm)
+    expected = naive_clipped_sum(grads, norms, max_norm)
     engine = LayerwiseClipper(dp.tail_module, dp.trainable_params())
     got, _ = engine.clipped_sum(inputs, targets, max_norm)
     for name in expected:
@@ -93,7 +82,8 @@ def _layerwise_vs_naive(kind: str, num_views: int, device: str) -> None:
     # bf16: the engine may lose no more than bf16 itself loses in the naive loop (both against the fp32 reference)
     half, _ = engine.clipped_sum(inputs, targets, max_norm, autocast_dtype=torch.bfloat16)
     with torch.autocast(device, dtype=torch.bfloat16):
-        naive_half, _ = _naive(dp, inputs, targets, max_norm)
+        naive_half = naive_clipped_sum(*naive_group_grads(dp.split.tail, dp.trainable_params(), inputs, targets),
+                                       max_norm)
     flat = lambda d: torch.cat([g.float().flatten() for g in d.values()])  # noqa: E731
     ref = flat(expected)
     assert all(g.dtype == torch.float32 for g in half.values())  # sums stay fp32 under bf16 autocast
@@ -115,9 +105,9 @@ def test_synthetic_generation_on_cuda(tmp_path):
     import numpy as np
     import yaml
 
-    from datagen import make_tiny_class_conditional_generator, make_tiny_text2image_pipeline
     from dpmix_dist.data.shards import load_split, read_metadata
     from dpmix_dist.synthetic.diffusion import ClassConditionalSampler
+    from dpmix_dist.testing.datagen import make_tiny_class_conditional_generator, make_tiny_text2image_pipeline
 
     pipe = make_tiny_text2image_pipeline(tmp_path / "pipe")
     cfg = {
@@ -128,7 +118,7 @@ def test_synthetic_generation_on_cuda(tmp_path):
     }  # fmt: skip
     (tmp_path / "gen.yaml").write_text(yaml.safe_dump(cfg))
     proc = subprocess.run([sys.executable, "launch/generate.py", "--config", str(tmp_path / "gen.yaml"), "--no-progress"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)  # fmt: skip
+                          cwd=REPO, capture_output=True, text=True, timeout=600, env=offline_env())  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     meta = read_metadata(tmp_path / "out")
     assert meta["splits"]["train"]["class_counts"] == [6, 6]
@@ -139,7 +129,7 @@ def test_synthetic_generation_on_cuda(tmp_path):
     raw = make_fashion_mnist_idx(tmp_path / "idx", num_train=40, num_test=10)
     subprocess.run([sys.executable, "launch/prepare_data.py", "fashion_mnist", "--source", str(raw), "--out",
                     str(tmp_path / "priv"), "--public-out", str(tmp_path / "pub"), "--public-count", "20"],
-                   cwd=REPO, check=True)  # fmt: skip
+                   cwd=REPO, check=True, env=offline_env())  # fmt: skip
     gen = make_tiny_class_conditional_generator(tmp_path / "gen", tmp_path / "pub")
     on_cpu = ClassConditionalSampler(gen).sample([0, 1, 2], [5, 6, 7], steps=5, guidance=2.0)
     on_gpu = ClassConditionalSampler(gen, device="cuda").sample([0, 1, 2], [5, 6, 7], steps=5, guidance=2.0)

@@ -6,58 +6,14 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from conftest import NUM_CLASSES, tiny_dp_model
 from torch import nn
 
 from dpmix_dist.models import make_dp_model
-from dpmix_dist.privacy.clipping import group_loss
 from dpmix_dist.privacy.layerwise import LayerwiseClipper, UnsupportedLayer
-
-NUM_CLASSES = 5
-
-
-def _model(kind: str):
-    torch.manual_seed(0)
-    if kind == "vit_last":  # LayerNorm, Linear (qkv, proj, mlp), LayerScale, head
-        model = timm.create_model("test_vit", num_classes=NUM_CLASSES, img_size=32, init_values=0.1)
-        return make_dp_model(model, trainable="last_blocks", num_trainable_blocks=2)
-    if kind == "resnet_gn":  # Conv2d, GroupNorm
-        model = timm.create_model("test_resnet", num_classes=NUM_CLASSES)
-        return make_dp_model(model, norm="groupnorm", groupnorm_groups=4, trainable="all")
-    if kind == "efficientnet":  # Conv2d incl. depthwise, frozen BN
-        model = timm.create_model("test_efficientnet", num_classes=NUM_CLASSES)
-        return make_dp_model(model, norm="freeze", trainable="all")
-    if kind == "tf_effnet_lite0_tail":  # Conv2dSame (TF 'same' padding, stride 2), depthwise, frozen BN
-        model = timm.create_model("tf_efficientnet_lite0", num_classes=NUM_CLASSES)
-        return make_dp_model(model, trainable="last_blocks", num_trainable_blocks=5)
-    if kind == "convnext_head":  # LayerNorm2d-free head: norm + Linear
-        model = timm.create_model("test_convnext", num_classes=NUM_CLASSES)
-        return make_dp_model(model, trainable="head")
-    if kind == "convnext_all":  # LayerNorm2d stem/downsample norms, depthwise 7x7, LayerNorm, Linear mlp, raw gamma
-        model = timm.create_model("test_convnext", num_classes=NUM_CLASSES, ls_init_value=0.5)
-        return make_dp_model(model, trainable="all")
-    if kind == "convnext_conv_mlp":  # the conv-mlp variant: 1x1 Conv2d mlp, channels-first
-        model = timm.create_model("test_convnext", num_classes=NUM_CLASSES, ls_init_value=0.5, conv_mlp=True)
-        return make_dp_model(model, trainable="all")
-    raise ValueError(kind)
-
-
-def naive_group_grads(forward, params, inputs, targets):
-    """The reference: autograd on each group's mean loss alone. Returns (per-group gradient tuples, (b,) norms)."""
-    grads = [torch.autograd.grad(group_loss(forward(x), y), list(params.values())) for x, y in zip(inputs, targets)]
-    norms = torch.stack([torch.sqrt(sum(t.pow(2).sum() for t in g)) for g in grads])
-    return grads, norms
-
-
-def naive_clipped_sum(params, grads, norms, max_norm):
-    """Σ_i min(1, C/‖g_i‖) g_i by hand, per parameter."""
-    factors = torch.clamp(max_norm / (norms + 1e-6), max=1.0)
-    return {name: sum(f * g[i] for f, g in zip(factors, grads)) for i, name in enumerate(params)}
-
-
-def _naive(dp, inputs, targets, max_norm):
-    params = dp.trainable_params()
-    grads, norms = naive_group_grads(dp.split.tail, params, inputs, targets)
-    return naive_clipped_sum(params, grads, norms, max_norm), norms
+from dpmix_dist.testing.exactness import exact_or_refused
+from dpmix_dist.testing.reference import naive_clipped_sum, naive_group_grads
+from dpmix_dist.testing.zoo import resnetv2_bit
 
 
 def _tail_batch(dp, num_groups, num_views, seed):
@@ -75,14 +31,12 @@ def _tail_batch(dp, num_groups, num_views, seed):
 )
 @pytest.mark.parametrize("num_views", [1, 4])
 def test_layerwise_clipped_sum_matches_naive(kind, num_views):
-    dp = _model(kind)
-    with torch.no_grad():
-        dp.model.get_classifier().weight.normal_(0, 0.5)
+    dp = tiny_dp_model(kind)
     inputs, targets = _tail_batch(dp, 5, num_views, seed=3)
     engine = LayerwiseClipper(dp.tail_module, dp.trainable_params())
-    _, norms = _naive(dp, inputs, targets, 1.0)
+    grads, norms = naive_group_grads(dp.split.tail, dp.trainable_params(), inputs, targets)
     max_norm = float(norms.median())  # some groups clipped, some not
-    expected, _ = _naive(dp, inputs, targets, max_norm)
+    expected = naive_clipped_sum(grads, norms, max_norm)
     got, losses = engine.clipped_sum(inputs, targets, max_norm)
     assert list(got) == list(expected)
     for name in expected:
@@ -90,51 +44,6 @@ def test_layerwise_clipped_sum_matches_naive(kind, num_views):
         assert expected[name].abs().sum() > 0, name
     assert not any(p.grad is not None for p in dp.trainable_params().values())  # no autograd parameter grads
     assert losses.shape == (5,)
-
-
-def exact_or_refused(module, params, inputs, targets):
-    """Either the engine's clipped sum equals the naive loop's for every trainable parameter, or the CONSTRUCTOR
-    refuses (nothing may fail mid-step: the trainer's engine=auto only falls back on a refusal at construction).
-
-    C is the median of the groups' norms: some groups are clipped, some not. Returns (the UnsupportedLayer or None,
-    the naive clipped sum, C).
-    """
-    grads, norms = naive_group_grads(module, params, inputs, targets)
-    max_norm = float(norms.median())
-    expected = naive_clipped_sum(params, grads, norms, max_norm)
-    assert torch.cat([g.flatten() for g in expected.values()]).abs().sum() > 0  # a vacuous check cannot fail
-    try:
-        engine = LayerwiseClipper(module, params)
-    except UnsupportedLayer as exc:
-        return exc, expected, max_norm
-    got, _ = engine.clipped_sum(inputs, targets, max_norm)
-    assert list(got) == list(expected)
-    scale = max(float(g.abs().max()) for g in expected.values())
-    for name in expected:
-        assert_close(got[name], expected[name], name, scale)
-    return None, expected, max_norm
-
-
-def assert_close(got, expected, name, scale):
-    """Equal to float32 round-off: 1e-4 relative, and 1e-5 of the tensor's largest entry absolute (at least 1e-7 of
-    the largest entry of all the parameters: a gradient that is zero by symmetry is round-off in both)."""
-    atol = 1e-5 * max(float(expected.abs().max()), 1e-2 * scale)
-    err = float((got - expected).abs().max()) / max(float(expected.abs().max()), 1e-30)
-    assert torch.allclose(got, expected, atol=atol, rtol=1e-4), f"{name}: error {err:.2g} of the largest entry"
-
-
-def resnetv2_bit(**kwargs):
-    """A tiny BiT ResNetV2: StdConv2d (weight standardised in forward) and GroupNormAct (norm, then activation)."""
-    from functools import partial
-
-    from timm.layers import GroupNormAct, StdConv2d
-    from timm.models.resnetv2 import ResNetV2
-
-    return ResNetV2(layers=(1, 1, 1, 1), channels=(16, 32, 64, 128), stem_chs=16, stem_type="fixed",
-                    conv_layer=partial(StdConv2d, eps=1e-8), norm_layer=partial(GroupNormAct, num_groups=8), **kwargs)
-
-
-resnetv2_bit.model = "ResNetV2 (BiT: StdConv2d, GroupNormAct)"
 
 
 @pytest.mark.parametrize(
@@ -312,7 +221,7 @@ def test_shared_modules_are_refused():
 
 
 def test_both_ghost_and_direct_paths_are_exercised():
-    dp = _model("vit_last")
+    dp = tiny_dp_model("vit_last")
     engine = LayerwiseClipper(dp.tail_module, dp.trainable_params())
     with torch.no_grad():
         feats = dp.split.prefix(torch.randn(2, 3, 32, 32))
@@ -342,26 +251,20 @@ def test_unsupported_layers_are_refused():
 @pytest.mark.parametrize("variant", [{}, {"no_embed_class": True, "reg_tokens": 2}])
 @pytest.mark.parametrize("num_views", [1, 4])
 def test_vit_fully_trainable_with_cls_pos_and_reg_tokens(variant, num_views):
-    torch.manual_seed(0)
-    model = timm.create_model("test_vit", num_classes=NUM_CLASSES, img_size=32, init_values=0.1, **variant)
-    dp = make_dp_model(model, trainable="all")
-    with torch.no_grad():
-        dp.model.get_classifier().weight.normal_(0, 0.5)
+    dp = tiny_dp_model("vit", **variant)
     assert {"model.cls_token", "model.pos_embed"} <= set(dp.trainable_names)
     gen = torch.Generator().manual_seed(4)
     inputs = torch.randn(4, num_views, 3, 32, 32, generator=gen)
     targets = torch.randint(0, NUM_CLASSES, (4, num_views), generator=gen)
     engine = LayerwiseClipper(dp.tail_module, dp.trainable_params())
-    expected, _ = _naive(dp, inputs, targets, 0.5)
+    expected = naive_clipped_sum(*naive_group_grads(dp.split.tail, dp.trainable_params(), inputs, targets), 0.5)
     got, _ = engine.clipped_sum(inputs, targets, 0.5)
     for name in expected:
         assert torch.allclose(got[name], expected[name], atol=1e-5, rtol=1e-4), name
 
 
 def test_bf16_autocast_keeps_fp32_sums_close_to_fp32():
-    dp = _model("efficientnet")
-    with torch.no_grad():
-        dp.model.get_classifier().weight.normal_(0, 0.5)
+    dp = tiny_dp_model("efficientnet")
     gen = torch.Generator().manual_seed(5)
     inputs = torch.randn(6, 2, 3, 32, 32, generator=gen)
     targets = torch.randint(0, NUM_CLASSES, (6, 2), generator=gen)
@@ -398,7 +301,7 @@ def test_embedding_matches_naive(num_views):
     targets = torch.randint(0, NUM_CLASSES, (5, num_views), generator=gen)
     grads, norms = naive_group_grads(model, params, ids, targets)
     max_norm = float(norms.median())
-    expected = naive_clipped_sum(params, grads, norms, max_norm)
+    expected = naive_clipped_sum(grads, norms, max_norm)
     got, _ = LayerwiseClipper(model, params).clipped_sum(ids, targets, max_norm)
     for name in params:
         assert torch.allclose(got[name], expected[name], atol=1e-5, rtol=1e-4), name
@@ -408,9 +311,7 @@ def test_embedding_matches_naive(num_views):
 @pytest.mark.parametrize("kind", ["vit_last", "efficientnet"])
 def test_each_example_contributes_alone_and_at_most_c(kind):
     """Sensitivity in the batched engine: S(all) - S(all but j) == S(j alone), with norm <= C, for every j."""
-    dp = _model(kind)
-    with torch.no_grad():
-        dp.model.get_classifier().weight.normal_(0, 0.5)
+    dp = tiny_dp_model(kind)
     inputs, targets = _tail_batch(dp, 6, 2, seed=7)
     engine = LayerwiseClipper(dp.tail_module, dp.trainable_params())
     c = 0.05  # small: every example is clipped

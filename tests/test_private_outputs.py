@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO, offline_env
 
-from datagen import make_fashion_mnist_idx
+from dpmix_dist.testing.datagen import make_fashion_mnist_idx
 
-REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 NUMBER = re.compile(r"-?\d+\.\d{3,}(?:[eE][-+]?\d+)?")
 
@@ -31,7 +31,7 @@ def private_root(tmp_path_factory) -> Path:
     raw = make_fashion_mnist_idx(root / "idx", num_train=200, num_test=40)
     subprocess.run([sys.executable, "launch/prepare_data.py", "fashion_mnist", "--source", str(raw), "--out",
                     str(root / "priv"), "--public-out", str(root / "pub"), "--public-count", "40"],
-                   cwd=REPO, check=True, capture_output=True)  # fmt: skip
+                   cwd=REPO, check=True, capture_output=True, env=offline_env())  # fmt: skip
     return root / "priv"
 
 

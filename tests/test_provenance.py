@@ -11,18 +11,17 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO, offline_env
 
-from datagen import make_fashion_mnist_idx, make_synthetic_folder
 from dpmix_dist.data.provenance import check_private_root, check_synthetic_root
 from dpmix_dist.data.shards import read_metadata
 from dpmix_dist.errors import DataError
-
-REPO = Path(__file__).resolve().parent.parent
+from dpmix_dist.testing.datagen import make_fashion_mnist_idx, make_synthetic_folder
 
 
 def _prepare(raw: Path, out: Path, *extra: str) -> Path:
     subprocess.run([sys.executable, "launch/prepare_data.py", "fashion_mnist", "--source", str(raw), "--out", str(out),
-                    *extra], cwd=REPO, check=True, capture_output=True)  # fmt: skip
+                    *extra], cwd=REPO, check=True, capture_output=True, env=offline_env())  # fmt: skip
     return out
 
 

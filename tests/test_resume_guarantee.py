@@ -12,17 +12,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO, offline_env
 
-from datagen import make_fashion_mnist_idx
-
-REPO = Path(__file__).resolve().parent.parent
+from dpmix_dist.testing.datagen import make_fashion_mnist_idx
 
 
 def _prepare(root: Path, num_train: int) -> Path:
     raw = make_fashion_mnist_idx(root / f"idx{num_train}", num_train=num_train, num_test=40)
     subprocess.run([sys.executable, "launch/prepare_data.py", "fashion_mnist", "--source", str(raw), "--out",
                     str(root / "priv"), "--public-out", str(root / "pub"), "--public-count", "40", "--overwrite"],
-                   cwd=REPO, check=True, capture_output=True)  # fmt: skip
+                   cwd=REPO, check=True, capture_output=True, env=offline_env())  # fmt: skip
     return root / "priv"
 
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,30 +15,22 @@ import numpy as np
 import pytest
 import webdataset as wds
 import yaml
+from conftest import REPO, free_port, offline_env
 from PIL import Image
 
-from datagen import (
-    class_images, make_fashion_mnist_idx, make_tiny_class_conditional_generator, make_tiny_text2image_pipeline,
-)  # fmt: skip
 from dpmix_dist.data.shards import load_split, read_metadata, write_dataset
 from dpmix_dist.data.sources import RawDataset, RawSplit
 from dpmix_dist.synthetic.diffusion import ClassConditionalSampler
 from dpmix_dist.synthetic.generate import image_seed
+from dpmix_dist.testing.datagen import (
+    class_images, make_fashion_mnist_idx, make_tiny_class_conditional_generator, make_tiny_text2image_pipeline,
+)  # fmt: skip
 
-REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
-def _env(**extra) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **extra)
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _env() -> dict[str, str]:
+    return offline_env(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=None)
 
 
 def _run(args: list[str], num_processes: int = 1, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
@@ -48,8 +38,8 @@ def _run(args: list[str], num_processes: int = 1, timeout: int = 300, check: boo
         cmd = [sys.executable, *args]
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/cpu_2proc.yaml",
-               "--num_processes", str(num_processes), "--main_process_port", str(_free_port()), *args]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=timeout)
+               "--num_processes", str(num_processes), "--main_process_port", str(free_port()), *args]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -220,7 +210,7 @@ def test_killed_run_resumes_without_losing_or_mixing_shards(reference, split_dat
     # one image per batch and more steps: slow enough to be killed between shards
     cfg = _gen_config(tmp_path / "gen.yaml", generator, public, out)
     cmd = [sys.executable, "launch/generate.py", "--config", str(cfg), "--no-progress"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while not (out / "train-000000.tar").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)

@@ -6,7 +6,6 @@ import csv
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,25 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, free_port, offline_env
 from safetensors.torch import load_file
 
-from datagen import make_fashion_mnist_idx
+from dpmix_dist.testing.datagen import make_fashion_mnist_idx
 
-REPO = Path(__file__).resolve().parent.parent
 SEED = "918273645"  # distinctive, so a search for it cannot hit by chance
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**extra) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
+def _env() -> dict[str, str]:
+    return offline_env(OMP_NUM_THREADS="1")
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +34,7 @@ def data(tmp_path_factory) -> tuple[Path, Path]:
     raw = make_fashion_mnist_idx(root / "idx", num_train=240, num_test=60)
     subprocess.run([sys.executable, "launch/prepare_data.py", "fashion_mnist", "--source", str(raw), "--out",
                     str(root / "priv"), "--public-out", str(root / "pub"), "--public-count", "40"],
-                   cwd=REPO, check=True, capture_output=True)  # fmt: skip
+                   cwd=REPO, check=True, capture_output=True, env=offline_env())  # fmt: skip
     return root / "priv", root / "pub"
 
 
@@ -231,7 +222,7 @@ def test_bad_tracking_uri_fails_before_any_work(data, tmp_path):
 
 def test_unreachable_server_training_goes_on_and_says_what_was_not_sent(data, tmp_path):
     priv, _ = data
-    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     proc = _finetune(tmp_path, priv, tmp_path / "run", f"tracking.uri={uri}", "tracking.flush_timeout_s=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "unreachable" in proc.stderr and "could not send" in proc.stderr
@@ -246,7 +237,7 @@ def test_unreachable_server_training_goes_on_and_says_what_was_not_sent(data, tm
 
 def test_server_stopped_mid_run_and_restarted_loses_no_metric(data, tmp_path):
     priv, _ = data
-    server = Server(tmp_path, _free_port()).start()
+    server = Server(tmp_path, free_port()).start()
     try:
         out = tmp_path / "run"
         proc = _finetune(tmp_path, priv, out, f"tracking.uri={server.uri}", "privacy.epochs=16",

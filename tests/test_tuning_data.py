@@ -11,18 +11,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO, offline_env
 
-from datagen import make_fashion_mnist_idx
 from dpmix_dist.data.shards import load_split, read_metadata
 from dpmix_dist.data.sources import read_fashion_mnist
-
-REPO = Path(__file__).resolve().parent.parent
+from dpmix_dist.testing.datagen import make_fashion_mnist_idx
 
 
 def _prepare(raw: Path, root: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "launch/prepare_data.py", "fashion_mnist", "--source", str(raw), "--out", str(root / "private"),
            "--public-out", str(root / "public"), "--public-count", "100", "--split-seed", "5", *extra]  # fmt: skip
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=offline_env())
 
 
 def _sha(indices: np.ndarray) -> str:
@@ -98,7 +97,7 @@ def test_runs_evaluate_on_validation_without_touching_the_test_split(prepared, t
     args = [sys.executable, "launch/finetune.py", "--config", "tiny_test", "--output-dir", str(tmp_path / "run"),
             f"data.root={root / 'subset'}", f"data.cache_dir={tmp_path / 'cache'}", "data.eval_split=validation",
             "privacy.expected_batch_size=10", "privacy.epochs=1", "tracking.enabled=false"]  # fmt: skip
-    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600, env=offline_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["eval_split"] == "validation" and 0 <= summary["validation_accuracy"] <= 1
@@ -112,6 +111,6 @@ def test_eval_split_validation_without_one_says_how_to_make_it(prepared, tmp_pat
     proc = subprocess.run([sys.executable, "launch/finetune.py", "--config", "tiny_test", "--output-dir",
                            str(tmp_path / "run"), f"data.root={tmp_path / 'private'}", "data.eval_split=validation",
                            f"data.cache_dir={tmp_path / 'cache'}", "tracking.enabled=false"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env=offline_env())  # fmt: skip
     assert proc.returncode == 2 and "has no validation split" in proc.stderr and "--validation-count" in proc.stderr
     assert not (tmp_path / "run" / "summary.json").exists()

@@ -1,4 +1,5 @@
-"""Small data sets in the real on-disk formats (idx.gz, CIFAR python tarball, ImageFolder), made by tests.
+"""Small data sets in the real on-disk formats (idx.gz, CIFAR python tarball, ImageFolder), made by tests and
+benchmarks; also a tiny random-weight diffusion generator and text-to-image pipeline, and a synthetic-image folder.
 
 Images carry their label (a class-specific pattern plus noise), so a model can learn them in a few steps.
 """
@@ -153,11 +154,11 @@ def make_synthetic_folder(root: Path, classes: list[str], per_class: int = 20, s
 
     labels = np.repeat(np.arange(len(classes)), per_class)
     images = class_images(labels, size, channels, seed)
-    record = {"generator": "tests/datagen", "kind": "class_conditional", "base_seed": seed,
+    record = {"generator": "dpmix_dist.testing.datagen", "kind": "class_conditional", "base_seed": seed,
               "per_class_counts": {c: per_class for c in classes},
               "generator_info": {"trained_on": trained_on} if trained_on else None,
               "external_pretrained": not trained_on if external_pretrained is None else external_pretrained,
               "public": "images of a generator that never saw the private data"}
     dataset = RawDataset(f"synthetic:{root.name}", tuple(classes), {"train": RawSplit(images, labels.astype(np.int64))},
-                         "tests/datagen")
+                         "dpmix_dist.testing.datagen")
     return write_dataset(dataset, root, extra={"synthetic": record})
