@@ -195,13 +195,13 @@ def test_input_canaries_are_mislabelled_public_images_or_random_images(tmp_path)
     labels = np.arange(30) % 5
     splits = {"train": RawSplit(class_images(labels, 8, 1, 1), labels)}
     public = write_dataset(RawDataset("public", tuple("abcde"), splits, "tests"), tmp_path / "public")
-    meta = {"num_classes": 5, "splits": {"train": {"image_shape": [8, 8, 1]}}, "split": {"partner": str(public)}}
+    meta = {"num_classes": 5, "splits": {"train": {"image_shape": [8, 8, 1]}}, "partition": {"partner": str(public)}}
     canaries, design = input_canary_split(meta, str(tmp_path / "cache"), 12, seed=3)
     assert design == "public images of public, wrong labels"
     assert canaries.images.shape == (12, 8, 8, 1)
     originals = {class_images(labels, 8, 1, 1)[i].tobytes(): labels[i] for i in range(30)}
     assert all(originals[img.tobytes()] != label for img, label in zip(canaries.images, canaries.labels))
-    random_ones, design = input_canary_split({**meta, "split": {}}, str(tmp_path / "cache"), 12, seed=3)
+    random_ones, design = input_canary_split({**meta, "partition": {}}, str(tmp_path / "cache"), 12, seed=3)
     assert design == "random-pixel images, random labels"
     assert random_ones.images.shape == (12, 8, 8, 1) and set(random_ones.labels) <= set(range(5))
 

@@ -18,7 +18,7 @@ def test_per_group_grads_and_clipped_sum_match_naive_loop(kind, num_views):
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         images = torch.randn(4 * num_views, 3, 32, 32, generator=gen)
-        feats = dp_model.split.prefix(images)
+        feats = dp_model.cut.prefix(images)
     inputs = feats.view(4, num_views, *feats.shape[1:])
     targets = torch.randint(0, NUM_CLASSES, (4, num_views), generator=gen)
     if num_views > 1:  # also soft labels, as mixes produce
@@ -30,7 +30,7 @@ def test_per_group_grads_and_clipped_sum_match_naive_loop(kind, num_views):
     forward = lambda p, x: functional_call(dp_model.tail_module, p, (x,))  # noqa: E731
     for tgt in targets_list:
         fast, losses = per_example_grads(forward, params, inputs, tgt)
-        naive, norms = naive_group_grads(dp_model.split.tail, dp_model.trainable_params(), inputs, tgt)
+        naive, norms = naive_group_grads(dp_model.cut.tail, dp_model.trainable_params(), inputs, tgt)
         assert set(fast) == set(naive) and len(fast) == len(dp_model.trainable_names)
         for name in naive:
             assert torch.allclose(fast[name], naive[name], atol=1e-5, rtol=1e-4), name
@@ -68,7 +68,7 @@ def test_sensitivity_replacing_one_example_changes_only_its_contribution():
     images = torch.randn(6, 2, 3, 32, 32, generator=gen)
     targets = torch.randint(0, NUM_CLASSES, (6, 2), generator=gen)
     with torch.no_grad():
-        feats = dp_model.split.prefix(images.flatten(0, 1))
+        feats = dp_model.cut.prefix(images.flatten(0, 1))
     feats = feats.view(6, 2, *feats.shape[1:])
     changed = feats.clone()
     changed[3] = changed[3] * -3 + 1  # a very different example j = 3

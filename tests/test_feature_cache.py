@@ -82,7 +82,7 @@ def test_synthetic_members_come_from_a_cache_equal_to_the_prefix(data, tmp_path)
     assert trainer.synthetic_store is not None and len(trainer.synthetic_store) == len(synthetic)
     with torch.no_grad():
         for j in (0, 7, len(synthetic) - 1):
-            direct = trainer.dp_model.split.prefix(trainer._to_input(synthetic.images[[j]]))
+            direct = trainer.dp_model.cut.prefix(trainer._to_input(synthetic.images[[j]]))
             torch.testing.assert_close(trainer.synthetic_store.features(torch.tensor([j])), direct, rtol=1e-5, atol=1e-6)
     # with feature caching off, nothing is cached and every member runs the prefix (the same groups)
     plain = _trainer(data, tmp_path / "cache2", "augment.method=dpmix_diff", "augment.num_views=2",

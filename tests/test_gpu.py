@@ -29,7 +29,7 @@ def test_per_group_grads_on_cuda_match_naive_loop(kind):
     y = torch.randint(0, NUM_CLASSES, (4, 2), device="cuda")
     params = {n: p.detach() for n, p in dp.trainable_params().items()}
     fast, _ = per_example_grads(lambda p, v: functional_call(dp.tail_module, p, (v,)), params, x, y)
-    naive, _ = naive_group_grads(dp.split.tail, dp.trainable_params(), x, y)
+    naive, _ = naive_group_grads(dp.cut.tail, dp.trainable_params(), x, y)
     assert list(fast) == list(naive)
     for n in naive:
         assert torch.allclose(fast[n], naive[n], atol=1e-4, rtol=1e-3), n
@@ -68,10 +68,10 @@ def _layerwise_vs_naive(kind: str, num_views: int, device: str) -> None:
     dp = tiny_dp_model(kind)
     dp.model.to(device)
     with torch.no_grad():
-        feats = dp.split.prefix(torch.randn(5 * num_views, 3, 32, 32, device=device))
+        feats = dp.cut.prefix(torch.randn(5 * num_views, 3, 32, 32, device=device))
     inputs = feats.view(5, num_views, *feats.shape[1:])
     targets = torch.randint(0, NUM_CLASSES, (5, num_views), device=device)
-    grads, norms = naive_group_grads(dp.split.tail, dp.trainable_params(), inputs, targets)
+    grads, norms = naive_group_grads(dp.cut.tail, dp.trainable_params(), inputs, targets)
     max_norm = float(norms.median())
     expected = naive_clipped_sum(grads, norms, max_norm)
     engine = LayerwiseClipper(dp.tail_module, dp.trainable_params())
@@ -82,7 +82,7 @@ def _layerwise_vs_naive(kind: str, num_views: int, device: str) -> None:
     # bf16: the engine may lose no more than bf16 itself loses in the naive loop (both against the fp32 reference)
     half, _ = engine.clipped_sum(inputs, targets, max_norm, autocast_dtype=torch.bfloat16)
     with torch.autocast(device, dtype=torch.bfloat16):
-        naive_half = naive_clipped_sum(*naive_group_grads(dp.split.tail, dp.trainable_params(), inputs, targets),
+        naive_half = naive_clipped_sum(*naive_group_grads(dp.cut.tail, dp.trainable_params(), inputs, targets),
                                        max_norm)
     flat = lambda d: torch.cat([g.float().flatten() for g in d.values()])  # noqa: E731
     ref = flat(expected)

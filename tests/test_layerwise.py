@@ -20,7 +20,7 @@ def _tail_batch(dp, num_groups, num_views, seed):
     """(num_groups, num_views) random 32 px images run through the frozen prefix, and random class ids."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        feats = dp.split.prefix(torch.randn(num_groups * num_views, 3, 32, 32, generator=gen))
+        feats = dp.cut.prefix(torch.randn(num_groups * num_views, 3, 32, 32, generator=gen))
     targets = torch.randint(0, NUM_CLASSES, (num_groups, num_views), generator=gen)
     return feats.view(num_groups, num_views, *feats.shape[1:]), targets
 
@@ -34,7 +34,7 @@ def test_layerwise_clipped_sum_matches_naive(kind, num_views):
     dp = tiny_dp_model(kind)
     inputs, targets = _tail_batch(dp, 5, num_views, seed=3)
     engine = LayerwiseClipper(dp.tail_module, dp.trainable_params())
-    grads, norms = naive_group_grads(dp.split.tail, dp.trainable_params(), inputs, targets)
+    grads, norms = naive_group_grads(dp.cut.tail, dp.trainable_params(), inputs, targets)
     max_norm = float(norms.median())  # some groups clipped, some not
     expected = naive_clipped_sum(grads, norms, max_norm)
     got, losses = engine.clipped_sum(inputs, targets, max_norm)
@@ -224,7 +224,7 @@ def test_both_ghost_and_direct_paths_are_exercised():
     dp = tiny_dp_model("vit_last")
     engine = LayerwiseClipper(dp.tail_module, dp.trainable_params())
     with torch.no_grad():
-        feats = dp.split.prefix(torch.randn(2, 3, 32, 32))
+        feats = dp.cut.prefix(torch.randn(2, 3, 32, 32))
     engine.clipped_sum(feats.view(2, 1, *feats.shape[1:]), torch.zeros(2, 1, dtype=torch.long), 1.0)
     ghost = {type(layer.module).__name__ for layer in engine._layers if layer.ghost}
     direct = {type(layer.module).__name__ for layer in engine._layers if not layer.ghost}
@@ -257,7 +257,7 @@ def test_vit_fully_trainable_with_cls_pos_and_reg_tokens(variant, num_views):
     inputs = torch.randn(4, num_views, 3, 32, 32, generator=gen)
     targets = torch.randint(0, NUM_CLASSES, (4, num_views), generator=gen)
     engine = LayerwiseClipper(dp.tail_module, dp.trainable_params())
-    expected = naive_clipped_sum(*naive_group_grads(dp.split.tail, dp.trainable_params(), inputs, targets), 0.5)
+    expected = naive_clipped_sum(*naive_group_grads(dp.cut.tail, dp.trainable_params(), inputs, targets), 0.5)
     got, _ = engine.clipped_sum(inputs, targets, 0.5)
     for name in expected:
         assert torch.allclose(got[name], expected[name], atol=1e-5, rtol=1e-4), name

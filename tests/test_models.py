@@ -33,7 +33,7 @@ def test_prefix_then_tail_is_the_full_forward(name, kwargs, trainable, blocks):
         expected = model(x)
     dp = make_dp_model(model, trainable=trainable, num_trainable_blocks=blocks)
     with torch.no_grad():
-        got = dp.split.tail(dp.split.prefix(x))
+        got = dp.cut.tail(dp.cut.prefix(x))
     assert torch.allclose(got, expected, atol=1e-5)
     trainable_params = dp.trainable_params()
     assert trainable_params and all(p.requires_grad for p in trainable_params.values())

@@ -43,7 +43,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
 def _trained_on(folder: Path) -> dict:
     """The record launch/train_diffusion.py keeps of the folder it trained on (dpmix_generator.json)."""
     meta = read_metadata(folder)
-    return {"root": str(folder), "name": meta.get("name"), "split": meta.get("split"), "train_shards": {}}
+    return {"root": str(folder), "name": meta.get("name"), "partition": meta.get("partition"), "train_shards": {}}
 
 
 def _synthetic(folders: dict, name: str, **kw) -> Path:
@@ -91,8 +91,8 @@ def test_overlapping_source_indices_are_refused_even_when_the_records_agree(fold
 
     pub = tmp_path / "pub"
     shutil.copytree(folders["pub"], pub)
-    private_positions = np.load(folders["priv"] / read_metadata(folders["priv"])["split"]["indices_file"])
-    np.save(pub / read_metadata(pub)["split"]["indices_file"], private_positions[:5])
+    private_positions = np.load(folders["priv"] / read_metadata(folders["priv"])["partition"]["indices_file"])
+    np.save(pub / read_metadata(pub)["partition"]["indices_file"], private_positions[:5])
     with pytest.raises(DataError, match="share source examples"):
         _check(folders, _synthetic(folders, "overlap", trained_on=_trained_on(pub)))
 
@@ -104,3 +104,33 @@ def test_fine_tuning_refuses_public_and_synthetic_folders(folders):
     with pytest.raises(DataError, match="synthetic images"):
         check_private_root(str(synthetic), read_metadata(synthetic))
     check_private_root(str(folders["priv"]), read_metadata(folders["priv"]))
+
+
+def test_folders_and_generator_records_written_with_the_old_split_key_are_read_the_same(folders, tmp_path):
+    """Before the rename the public/private record was called "split" (in metadata.json and in the generator's
+    trained_on record); such folders are read under "partition" and get the same decisions."""
+    import json
+    import shutil
+
+    def old_format(folder: Path, name: str) -> Path:
+        copy = tmp_path / name
+        shutil.copytree(folder, copy)
+        meta = json.loads((copy / "metadata.json").read_text())
+        if "partition" in meta:
+            meta["split"] = meta.pop("partition")
+        trained_on = ((meta.get("synthetic") or {}).get("generator_info") or {}).get("trained_on")
+        if trained_on and "partition" in trained_on:
+            trained_on["split"] = trained_on.pop("partition")
+        (copy / "metadata.json").write_text(json.dumps(meta))
+        assert '"partition"' not in (copy / "metadata.json").read_text()
+        return copy
+
+    private, public = old_format(folders["priv"], "old-priv"), old_format(folders["pub"], "old-pub")
+    assert read_metadata(private)["partition"]["role"] == "private"
+    with pytest.raises(DataError, match="public part"):
+        check_private_root(str(public), read_metadata(public))
+    good = old_format(_synthetic(folders, "old-ok", trained_on=_trained_on(folders["pub"])), "old-ok-copy")
+    check_synthetic_root(str(good), read_metadata(private), str(private))
+    bad = old_format(_synthetic(folders, "old-bad", trained_on=_trained_on(folders["priv"])), "old-bad-copy")
+    with pytest.raises(DataError, match="trained on the private data"):
+        check_synthetic_root(str(bad), read_metadata(private), str(private))

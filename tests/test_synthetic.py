@@ -91,8 +91,8 @@ def _decoded(folder: Path) -> dict[str, tuple[np.ndarray, int, dict]]:
 def test_public_private_split_is_disjoint_complete_and_recorded(split_data):
     private, public, _ = split_data
     mp, mq = read_metadata(private), read_metadata(public)
-    assert mp["split"]["role"] == "private" and mq["split"]["role"] == "public"
-    assert mp["split"]["partner"] == str(public) and mq["split"]["partner"] == str(private)
+    assert mp["partition"]["role"] == "private" and mq["partition"]["role"] == "public"
+    assert mp["partition"]["partner"] == str(public) and mq["partition"]["partner"] == str(private)
     ip, iq = np.load(private / "source_indices.npy"), np.load(public / "source_indices.npy")
     assert len(iq) == 120 and len(ip) == 180
     assert not set(ip.tolist()) & set(iq.tolist())
@@ -103,8 +103,8 @@ def test_public_private_split_is_disjoint_complete_and_recorded(split_data):
     import hashlib
 
     for meta in (mp, mq):
-        assert meta["split"]["private_indices_sha256"] == hashlib.sha256(ip.astype(np.int64).tobytes()).hexdigest()
-        assert meta["split"]["public_indices_sha256"] == hashlib.sha256(iq.astype(np.int64).tobytes()).hexdigest()
+        assert meta["partition"]["private_indices_sha256"] == hashlib.sha256(ip.astype(np.int64).tobytes()).hexdigest()
+        assert meta["partition"]["public_indices_sha256"] == hashlib.sha256(iq.astype(np.int64).tobytes()).hexdigest()
     # the images really are the source images at those indices
     from dpmix_dist.data.sources import read_fashion_mnist
 
@@ -136,7 +136,7 @@ def test_train_diffusion_saves_a_loadable_generator_and_resumes(split_data, tmp_
     summary = json.loads(proc.stdout.strip().splitlines()[-2])
     assert summary["steps"] == 3
     info = json.loads((out / "dpmix_generator.json").read_text())
-    assert info["trained_on"]["split"]["role"] == "public" and info["classes"] == read_metadata(public)["classes"]
+    assert info["trained_on"]["partition"]["role"] == "public" and info["classes"] == read_metadata(public)["classes"]
     sampler = ClassConditionalSampler(out)
     images = sampler.sample([0, 3], [1, 2], steps=2, guidance=2.0)
     assert images.shape == (2, 28, 28, 1) and images.dtype == np.uint8

@@ -49,8 +49,8 @@ def test_validation_is_public_and_disjoint_from_everything_else(prepared):
     source = read_fashion_mnist(raw)
     for folder in ("private", "public", "subset"):
         meta = read_metadata(root / folder)
-        assert meta["split"]["validation_indices_sha256"] == _sha(validation)
-        assert meta["split"]["public_indices_sha256"] == _sha(np.sort(np.concatenate([public_train, validation])))
+        assert meta["partition"]["validation_indices_sha256"] == _sha(validation)
+        assert meta["partition"]["public_indices_sha256"] == _sha(np.sort(np.concatenate([public_train, validation])))
         val = load_split(root / folder, "validation", root / "cache")
         np.testing.assert_array_equal(np.asarray(val.images), source.splits["train"].images[validation])
         test = load_split(root / folder, "test", root / "cache")  # the test split is the source's, untouched
@@ -63,7 +63,7 @@ def test_subset_is_private_recorded_and_data_independent(prepared, tmp_path):
     subset = np.load(root / "subset" / "source_indices.npy")
     assert len(subset) == 50 and set(subset.tolist()) <= set(private.tolist())
     meta = read_metadata(root / "subset")
-    assert meta["split"]["role"] == "private" and meta["split"]["partner"] == str(root / "public")
+    assert meta["partition"]["role"] == "private" and meta["partition"]["partner"] == str(root / "public")
     assert meta["subset"] == {"of": str(root / "private"), "count": 50, "seed": 5, "indices_sha256": _sha(subset)}
     assert meta["splits"]["train"]["num_examples"] == 50
     source = read_fashion_mnist(raw).splits["train"]
