@@ -5,7 +5,7 @@
 #
 # From SLURM:  SLURM_NNODES        machines (--num_machines)
 #              SLURM_NODEID        this machine's rank, 0 on the first host of the node list (--machine_rank)
-#              SLURM_JOB_NODELIST  its first host, expanded by `scontrol show hostnames`, is the head (--main_process_ip)
+#              SLURM_JOB_NODELIST  its first host (`scontrol show hostnames`) is the head (--main_process_ip)
 #              SLURM_GPUS_ON_NODE  processes per machine; --num_processes is the total, machines x GPUs per machine
 # Overrides:   GPUS_PER_NODE, MAIN_PROCESS_PORT (29500), ACCELERATE_CONFIG (configs/accelerate/multinode.yaml, whose
 #              machine counts and addresses the flags above replace), SCRIPT (launch/finetune.py)
@@ -18,7 +18,8 @@ fail() {
 }
 
 for var in SLURM_NNODES SLURM_NODEID SLURM_JOB_NODELIST; do
-    [[ -n "${!var:-}" ]] || fail "$var is not set: run this through srun in a SLURM allocation (launch/slurm/finetune.sbatch)"
+    [[ -n "${!var:-}" ]] ||
+        fail "$var is not set: run this through srun in a SLURM allocation (launch/slurm/finetune.sbatch)"
 done
 gpus_per_node=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-}}
 [[ "$gpus_per_node" =~ ^[1-9][0-9]*$ ]] ||
@@ -30,7 +31,8 @@ host_lines=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
 mapfile -t hosts <<<"$host_lines"
 ((${#hosts[@]} == SLURM_NNODES)) ||
     fail "SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST expands to ${#hosts[@]} hosts but SLURM_NNODES=$SLURM_NNODES"
-((SLURM_NODEID >= 0 && SLURM_NODEID < SLURM_NNODES)) || fail "SLURM_NODEID=$SLURM_NODEID is not below SLURM_NNODES=$SLURM_NNODES"
+((SLURM_NODEID >= 0 && SLURM_NODEID < SLURM_NNODES)) ||
+    fail "SLURM_NODEID=$SLURM_NODEID is not below SLURM_NNODES=$SLURM_NNODES"
 
 command=(
     accelerate launch
