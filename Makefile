@@ -12,11 +12,12 @@ FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 DEMO_CONFIG ?= fmnist_effnet_lite0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test test-fast setup data synthetic clean help
+.PHONY: demo test test-fast lint format setup data synthetic clean help
 help:
 	@echo "make demo   - set up and run the offline default (EfficientNet-Lite0 on Fashion-MNIST, eps=8)"
 	@echo "make test   - set up and run the tests"
 	@echo "make test-fast - the unit tier only (no slow end-to-end or gpu tests), for iteration"
+	@echo "make format - apply the formatter and the linter's safe fixes (ruff, configured in pyproject.toml)"
 	@echo "make synthetic - train the offline generator on the public split, render and check its images"
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -54,7 +55,16 @@ demo: setup data
 	HF_HUB_OFFLINE=1 $(VENV)/bin/accelerate launch --config_file configs/accelerate/cpu_1proc.yaml \
 		launch/finetune.py --config $(DEMO_CONFIG)
 
-test: setup
+# the formatter and linter first (seconds), then every test
+lint: setup
+	$(VENV)/bin/ruff format --check --quiet .
+	$(VENV)/bin/ruff check --quiet .
+
+format: setup
+	$(VENV)/bin/ruff format --quiet .
+	$(VENV)/bin/ruff check --quiet --fix .
+
+test: setup lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15
 
 # for iteration: the unit tier only (no multi-process / end-to-end `slow` tests, no `gpu`)

@@ -41,7 +41,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.manual_seed(0)
-    dp = build_dp_model("tf_efficientnet_lite0", "pypi:efficientnet_lite0", 10, trainable="head", image_size=args.image_size)
+    dp = build_dp_model(
+        "tf_efficientnet_lite0", "pypi:efficientnet_lite0", 10, trainable="head", image_size=args.image_size
+    )
     x = torch.randn(args.batch, 3, args.image_size, args.image_size)
     rows = {}
     for layout in ("nchw", "channels_last"):
@@ -55,9 +57,17 @@ def main() -> None:
                 print(f"{name} {rows[name]:8.0f} members/s", flush=True)
     base = rows[next(iter(rows))]
     names = {k: "/".join(k.split()) for k in rows}
-    print(json.dumps({"threads": torch.get_num_threads(), "image_size": args.image_size, "batch": args.batch,
-                      "members_per_s": {names[k]: round(v) for k, v in rows.items()},
-                      "ratio_vs_fp32_nchw_no_grad": {names[k]: round(v / base, 2) for k, v in rows.items()}}))
+    print(
+        json.dumps(
+            {
+                "threads": torch.get_num_threads(),
+                "image_size": args.image_size,
+                "batch": args.batch,
+                "members_per_s": {names[k]: round(v) for k, v in rows.items()},
+                "ratio_vs_fp32_nchw_no_grad": {names[k]: round(v / base, 2) for k, v in rows.items()},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

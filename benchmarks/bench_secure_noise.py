@@ -43,16 +43,26 @@ def main() -> None:
     rows = {}
     for name, numel in SIZES.items():
         buffer = torch.zeros(numel)
-        plain = _seconds(lambda i: gaussian_noise_like(buffer, 1.0, generator(7, "noise", i)), args.repeats)
-        secure = _seconds(lambda i: secure_random.gaussian_noise(7, i, numel, 1.0), args.repeats)
-        rows[name] = {"coordinates": numel, "torch_s": round(plain, 4), "secure_s": round(secure, 4),
-                      "ratio": round(secure / plain, 1)}  # fmt: skip
-        print(f"noise, {name:28s} {numel:>11,d} coords: torch {plain:8.4f} s  secure {secure:8.4f} s  ({secure / plain:.1f}×)")
+        plain = _seconds(lambda i, b=buffer: gaussian_noise_like(b, 1.0, generator(7, "noise", i)), args.repeats)
+        secure = _seconds(lambda i, n=numel: secure_random.gaussian_noise(7, i, n, 1.0), args.repeats)
+        rows[name] = {
+            "coordinates": numel,
+            "torch_s": round(plain, 4),
+            "secure_s": round(secure, 4),
+            "ratio": round(secure / plain, 1),
+        }
+        times = f"torch {plain:8.4f} s  secure {secure:8.4f} s  ({secure / plain:.1f}×)"
+        print(f"noise, {name:28s} {numel:>11,d} coords: {times}")
     n = args.num_examples
     plain = _seconds(lambda i: poisson_mask(7, i, n, 0.01), args.repeats * 10)
     secure = _seconds(lambda i: poisson_mask(7, i, n, 0.01, secure=True), args.repeats * 10)
-    rows[f"Poisson mask, N={n}"] = {"torch_s": round(plain, 5), "secure_s": round(secure, 5), "ratio": round(secure / plain, 1)}
-    print(f"Poisson mask over {n:,d} examples: torch {plain * 1e3:.2f} ms  secure {secure * 1e3:.2f} ms  ({secure / plain:.1f}×)")
+    rows[f"Poisson mask, N={n}"] = {
+        "torch_s": round(plain, 5),
+        "secure_s": round(secure, 5),
+        "ratio": round(secure / plain, 1),
+    }
+    times = f"torch {plain * 1e3:.2f} ms  secure {secure * 1e3:.2f} ms  ({secure / plain:.1f}×)"
+    print(f"Poisson mask over {n:,d} examples: {times}")
     print(json.dumps({"threads": torch.get_num_threads(), **rows}))
 
 

@@ -71,6 +71,7 @@ def worker(case: str, num_views: int, mode: str, batch: int, steps: int, device:
     flat_x, flat_y = x.flatten(0, 1), y.flatten(0, 1)
 
     if mode == "nonprivate":
+
         def step():
             with torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None):
                 loss = F.cross_entropy(model(flat_x), flat_y)
@@ -93,11 +94,16 @@ def worker(case: str, num_views: int, mode: str, batch: int, steps: int, device:
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.eval()
         if mode == "opacus_ghost":
-            gsm = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean", max_grad_norm=1.0)
+            gsm = GradSampleModuleFastGradientClipping(
+                model, batch_first=True, loss_reduction="mean", max_grad_norm=1.0
+            )
             opt = DPOptimizerFastGradientClipping(
-                torch.optim.SGD(params.values(), lr=0.0), noise_multiplier=0.0, max_grad_norm=1.0,
-                expected_batch_size=len(flat_x), loss_reduction="mean",
-            )  # fmt: skip
+                torch.optim.SGD(params.values(), lr=0.0),
+                noise_multiplier=0.0,
+                max_grad_norm=1.0,
+                expected_batch_size=len(flat_x),
+                loss_reduction="mean",
+            )
             criterion = DPLossFastGradientClipping(gsm, opt, torch.nn.CrossEntropyLoss(reduction="mean"), "mean")
 
             def step():
@@ -108,8 +114,9 @@ def worker(case: str, num_views: int, mode: str, batch: int, steps: int, device:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
         else:
-            gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False,
-                                   force_functorch=mode == "opacus_functorch")
+            gsm = GradSampleModule(
+                model, batch_first=True, loss_reduction="mean", strict=False, force_functorch=mode == "opacus_functorch"
+            )
 
             def step():
                 with torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None):
@@ -143,8 +150,9 @@ def worker(case: str, num_views: int, mode: str, batch: int, steps: int, device:
     return {"seconds_per_step": statistics.median(times), "peak_extra_mb": max(peak - base, 0.0), "peak_mb": peak}
 
 
-def run_one(case: str, num_views: int, mode: str, batch: int, steps: int, timeout: int, device: str,
-            precision: str) -> dict:
+def run_one(
+    case: str, num_views: int, mode: str, batch: int, steps: int, timeout: int, device: str, precision: str
+) -> dict:
     cmd = [sys.executable, __file__, "--worker", case, str(num_views), mode, str(batch), str(steps), device, precision]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -163,10 +171,17 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=2, help="timed steps per mode (median reported)")
     parser.add_argument("--timeout", type=int, default=120, help="seconds per mode before it is reported as timeout")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where every mode runs")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
-                        help="bf16: forward/backward under autocast (norms, clipped sums in fp32)")
-    parser.add_argument("--modes", default=",".join(MODES),
-                        help=f"comma-separated subset of {', '.join(MODES)} (nonprivate always runs: it is the base)")
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=("fp32", "bf16"),
+        help="bf16: forward/backward under autocast (norms, clipped sums in fp32)",
+    )
+    parser.add_argument(
+        "--modes",
+        default=",".join(MODES),
+        help=f"comma-separated subset of {', '.join(MODES)} (nonprivate always runs: it is the base)",
+    )
     parser.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -199,8 +214,11 @@ def main() -> int:
                     continue
                 t_ratio = r["seconds_per_step"] / base["seconds_per_step"]
                 m_ratio = r["peak_mb"] / base["peak_mb"]
-                print(f"{case:20} {k:>3} {batch:>3} {mode:18} {r['seconds_per_step']:8.3f} {r['peak_extra_mb']:8.0f} "
-                      f"{t_ratio:8.2f} {m_ratio:7.2f}", flush=True)
+                print(
+                    f"{case:20} {k:>3} {batch:>3} {mode:18} {r['seconds_per_step']:8.3f} {r['peak_extra_mb']:8.0f} "
+                    f"{t_ratio:8.2f} {m_ratio:7.2f}",
+                    flush=True,
+                )
             results[(case, k)] = row
     if ("effnet_lite0_32px", 1) not in results:
         return 0

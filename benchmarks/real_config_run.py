@@ -35,13 +35,37 @@ def main() -> int:
         tmp = Path(tmp)
         tarball = make_cifar_tarball(tmp / "cifar.tar.gz", num_classes, args.num_train, args.num_test)
         shards = tmp / "shards"
-        subprocess.run([sys.executable, "launch/prepare_data.py", f"cifar{num_classes}", "--source", str(tarball),
-                        "--out", str(shards)], cwd=REPO, check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "launch/prepare_data.py",
+                f"cifar{num_classes}",
+                "--source",
+                str(tarball),
+                "--out",
+                str(shards),
+            ],
+            cwd=REPO,
+            check=True,
+        )
         out = tmp / "run"
-        cmd = [sys.executable, "launch/finetune.py", "--config", args.config, "--seed", "1", "--output-dir", str(out),
-               f"data.root={shards}", f"data.cache_dir={tmp / 'cache'}", "model.weights=none",
-               f"privacy.target_delta={0.1 / args.num_train}", "run.progress_bar=false",
-               "tracking.enabled=false", *args.overrides]  # timing only: no MLflow (not on the GPU image)
+        cmd = [
+            sys.executable,
+            "launch/finetune.py",
+            "--config",
+            args.config,
+            "--seed",
+            "1",
+            "--output-dir",
+            str(out),
+            f"data.root={shards}",
+            f"data.cache_dir={tmp / 'cache'}",
+            "model.weights=none",
+            f"privacy.target_delta={0.1 / args.num_train}",
+            "run.progress_bar=false",
+            "tracking.enabled=false",
+            *args.overrides,
+        ]  # timing only: no MLflow (not on the GPU image)
         start = time.time()
         subprocess.run(cmd, cwd=REPO, check=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
         wall = time.time() - start
@@ -56,8 +80,10 @@ def main() -> int:
         "trainable_parameters": summary["trainable_parameters"],
         "train_seconds": summary["train_seconds"],
         "seconds_per_step": round(summary["train_seconds"] / summary["steps"], 3),
-        "members_per_second": round(summary["steps"] * summary["expected_batch_size"] * summary.get("group_size", 1)
-                                    / summary["train_seconds"], 1),
+        "members_per_second": round(
+            summary["steps"] * summary["expected_batch_size"] * summary.get("group_size", 1) / summary["train_seconds"],
+            1,
+        ),
         "wall_seconds": round(wall, 1),
         "epsilon": summary["epsilon"],
     }

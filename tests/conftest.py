@@ -76,12 +76,18 @@ NUM_CLASSES = 5
 # kind -> (timm model, its kwargs, make_dp_model's kwargs): the layer types the clipping engines must get right
 _TINY = {
     "vit": ("test_vit", dict(img_size=32, init_values=0.1), dict(trainable="all")),  # cls/pos, LayerScale
-    "vit_last": ("test_vit", dict(img_size=32, init_values=0.1),  # LayerNorm, Linear (qkv, proj, mlp), LayerScale
-                 dict(trainable="last_blocks", num_trainable_blocks=2)),
+    "vit_last": (
+        "test_vit",
+        dict(img_size=32, init_values=0.1),  # LayerNorm, Linear (qkv, proj, mlp), LayerScale
+        dict(trainable="last_blocks", num_trainable_blocks=2),
+    ),
     "resnet_gn": ("test_resnet", {}, dict(norm="groupnorm", groupnorm_groups=4, trainable="all")),  # Conv2d, GroupNorm
     "efficientnet": ("test_efficientnet", {}, dict(norm="freeze", trainable="all")),  # depthwise Conv2d, frozen BN
-    "efficientnet_last": ("test_efficientnet", {}, dict(norm="freeze", trainable="last_blocks",
-                                                         num_trainable_blocks=2)),
+    "efficientnet_last": (
+        "test_efficientnet",
+        {},
+        dict(norm="freeze", trainable="last_blocks", num_trainable_blocks=2),
+    ),
     # Conv2dSame (TF 'same' padding, stride 2), depthwise, frozen BN: the offline default's backbone
     "tf_effnet_lite0_tail": ("tf_efficientnet_lite0", {}, dict(trainable="last_blocks", num_trainable_blocks=5)),
     "convnext_head": ("test_convnext", {}, dict(trainable="head")),  # LayerNorm2d-free head: norm + Linear
@@ -89,7 +95,7 @@ _TINY = {
     "convnext_all": ("test_convnext", dict(ls_init_value=0.5), dict(trainable="all")),
     # the conv-mlp variant: 1x1 Conv2d mlp, channels-first
     "convnext_conv_mlp": ("test_convnext", dict(ls_init_value=0.5, conv_mlp=True), dict(trainable="all")),
-}  # fmt: skip
+}
 
 
 def tiny_dp_model(kind: str, **timm_kwargs) -> DPModel:

@@ -27,8 +27,8 @@ from scipy import optimize, stats
 from dpmix_dist.audit import AuditSettings, GradientCanaries, StoreWithCanaries, input_canary_split, run_audit
 from dpmix_dist.config import load_config
 from dpmix_dist.data.shards import Split, write_dataset
-from dpmix_dist.data.store import ExampleStore
 from dpmix_dist.data.sources import RawDataset, RawSplit
+from dpmix_dist.data.store import ExampleStore
 from dpmix_dist.privacy import audit as A
 from dpmix_dist.privacy.mechanism import PrivateGradient
 from dpmix_dist.testing.datagen import class_images
@@ -58,7 +58,7 @@ def test_at_delta_zero_the_bound_is_the_binomial_tail_and_the_lower_bound_its_ro
         for epsilon in (0.0, 0.5, 2.0):
             tail = stats.binom.sf(v - 1, r, _p(epsilon))
             assert A.p_value_bound(v, r, m, epsilon, 0.0) == pytest.approx(tail, rel=1e-12)
-        root = optimize.brentq(lambda e: stats.binom.sf(v - 1, r, _p(e)) - 0.05, 0, 50)
+        root = optimize.brentq(lambda e, v=v, r=r: stats.binom.sf(v - 1, r, _p(e)) - 0.05, 0, 50)
         lower = A.epsilon_lower_bound(v, r, m, 0.0, 0.05)
         assert root - A.EPSILON_STEP < lower <= root
     assert A.epsilon_lower_bound(30, 60, 60, 0.0, 0.05) == 0.0  # chance level: no evidence at all
@@ -124,8 +124,12 @@ def test_the_best_of_several_settings_pays_for_the_choice():
 def test_the_fast_scan_decides_like_the_exact_bound_at_every_grid_point():
     """`epsilon_lower_bound` skips the exact δ term where a cheaper bound already decides; a plain scan with the
     exact bound at every grid point must give the same answer."""
-    cases = [(450, 500, 1000, 1e-3, 0.05), (95, 100, 10_000, 1e-5, 0.01), (60, 100, 100, 0.01, 0.05),
-             (300, 400, 400, 2e-3, 0.008)]
+    cases = [
+        (450, 500, 1000, 1e-3, 0.05),
+        (95, 100, 10_000, 1e-5, 0.01),
+        (60, 100, 100, 0.01, 0.05),
+        (300, 400, 400, 2e-3, 0.008),
+    ]
     for v, r, m, delta, alpha in cases:
         grid = np.arange(0, 10, A.EPSILON_STEP)
         exact = np.array([A.p_value_bound(v, r, m, float(e), delta) for e in grid])
@@ -141,13 +145,21 @@ def test_gradient_canaries_join_steps_at_rate_q_only_when_included_and_are_clipp
     """Noise off, nothing but canaries: each step releases exactly C/(q·N) on the coordinate of each sampled canary
     (norm 50 clipped to C = 2), zero elsewhere; only included canaries ever appear, each at rate q."""
     shapes = {"w": torch.Size([30, 20]), "b": torch.Size([20])}
-    mech = PrivateGradient(shapes, noise_multiplier=0.0, max_grad_norm=2.0, expected_batch_size=10.0, secret_seed=1,
-                           world_size=1, all_reduce_sum=lambda t: None)  # fmt: skip
+    mech = PrivateGradient(
+        shapes,
+        noise_multiplier=0.0,
+        max_grad_norm=2.0,
+        expected_batch_size=10.0,
+        secret_seed=1,
+        world_size=1,
+        all_reduce_sum=lambda t: None,
+    )
     m, q, steps = 400, 0.1, 200
     included = np.arange(m) % 3 == 0
     coordinates = np.random.default_rng(0).choice(620, size=m, replace=False)
-    canaries = GradientCanaries(mech, included, coordinates=coordinates, sample_rate=q, canary_norm=50.0,
-                                sampling_seed=5)
+    canaries = GradientCanaries(
+        mech, included, coordinates=coordinates, sample_rate=q, canary_norm=50.0, sampling_seed=5
+    )
     for step in range(steps):
         canaries.begin_step(step)
         flat = canaries.finish_step()
@@ -179,8 +191,11 @@ def test_store_with_canaries_serves_private_examples_and_included_canaries_by_gl
     canary_images = rng.integers(0, 255, (6, 2, 2, 1), dtype=np.uint8)
     private_labels, canary_labels = np.arange(20) % 3, np.arange(6) % 3 + 10
     included = np.array([True, False, True, True, False, False])
-    store = StoreWithCanaries(_identity_store(private_images, private_labels, torch.arange(20)),
-                              _identity_store(canary_images, canary_labels, torch.arange(6)), included)  # fmt: skip
+    store = StoreWithCanaries(
+        _identity_store(private_images, private_labels, torch.arange(20)),
+        _identity_store(canary_images, canary_labels, torch.arange(6)),
+        included,
+    )
     assert store.num_global == 26
     assert store.owned.tolist() == list(range(20)) + [20, 22, 23]
     images, labels = np.concatenate([private_images, canary_images]), np.concatenate([private_labels, canary_labels])
@@ -224,23 +239,47 @@ NUM_CLASSES = 50  # the tiny config's model has 256 features: a head of 256·50 
 def private_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("audit")
     labels, test_labels = np.arange(NUM_PRIVATE) % NUM_CLASSES, np.arange(NUM_CLASSES)
-    splits = {"train": RawSplit(class_images(labels, 28, 1, seed=3), labels),
-              "test": RawSplit(class_images(test_labels, 28, 1, seed=5), test_labels)}  # fmt: skip
+    splits = {
+        "train": RawSplit(class_images(labels, 28, 1, seed=3), labels),
+        "test": RawSplit(class_images(test_labels, 28, 1, seed=5), test_labels),
+    }
     classes = tuple(f"c{i}" for i in range(NUM_CLASSES))
     write_dataset(RawDataset("audit", classes, splits, "tests"), root / "data")
     return root
 
 
-def _audit(root: Path, tmp_path: Path, *overrides: str, seed: int, direction: str = "dirac",
-           canary_norm: float | None = None, input_canaries: int = 0, **hooks):  # fmt: skip
-    config = load_config("tiny_test", [
-        f"data.root={root / 'data'}", f"data.cache_dir={root / 'cache'}", *HEAD,
-        f"privacy.expected_batch_size={BATCH}", f"privacy.epochs={EPOCHS}", f"privacy.target_epsilon={TARGET_EPSILON}",
-        "privacy.target_delta=1e-5", "performance.micro_batch_size=64", "run.eval_every_epochs=2",
-        "run.checkpoint_every_epochs=2", *overrides,
-    ])  # fmt: skip
-    settings = AuditSettings(num_gradient_canaries=NUM_CANARIES[direction], num_input_canaries=input_canaries,
-                             canary_norm=canary_norm, canary_direction=direction)  # fmt: skip
+def _audit(
+    root: Path,
+    tmp_path: Path,
+    *overrides: str,
+    seed: int,
+    direction: str = "dirac",
+    canary_norm: float | None = None,
+    input_canaries: int = 0,
+    **hooks,
+):
+    config = load_config(
+        "tiny_test",
+        [
+            f"data.root={root / 'data'}",
+            f"data.cache_dir={root / 'cache'}",
+            *HEAD,
+            f"privacy.expected_batch_size={BATCH}",
+            f"privacy.epochs={EPOCHS}",
+            f"privacy.target_epsilon={TARGET_EPSILON}",
+            "privacy.target_delta=1e-5",
+            "performance.micro_batch_size=64",
+            "run.eval_every_epochs=2",
+            "run.checkpoint_every_epochs=2",
+            *overrides,
+        ],
+    )
+    settings = AuditSettings(
+        num_gradient_canaries=NUM_CANARIES[direction],
+        num_input_canaries=input_canaries,
+        canary_norm=canary_norm,
+        canary_direction=direction,
+    )
     report = run_audit(config, settings, tmp_path / "run", secret_seed=seed, audit_seed=seed + 1000, **hooks)
     assert report.steps == EPOCHS * NUM_PRIVATE // BATCH
     assert 0.95 * TARGET_EPSILON < report.claimed_epsilon <= TARGET_EPSILON
@@ -249,9 +288,15 @@ def _audit(root: Path, tmp_path: Path, *overrides: str, seed: int, direction: st
 
 def _like(real: PrivateGradient, cls=PrivateGradient, **changes) -> PrivateGradient:
     """A mechanism of class `cls` with the real one's settings (and `changes`), on one process."""
-    kwargs = dict(noise_multiplier=real.noise_multiplier, max_grad_norm=real.max_grad_norm,
-                  expected_batch_size=real.expected_batch_size, secret_seed=4242, world_size=1,
-                  all_reduce_sum=lambda t: None, secure_noise=real.secure_noise)  # fmt: skip
+    kwargs = dict(
+        noise_multiplier=real.noise_multiplier,
+        max_grad_norm=real.max_grad_norm,
+        expected_batch_size=real.expected_batch_size,
+        secret_seed=4242,
+        world_size=1,
+        all_reduce_sum=lambda t: None,
+        secure_noise=real.secure_noise,
+    )
     return cls(real.shapes, **{**kwargs, **changes})
 
 
@@ -269,8 +314,9 @@ def test_the_correct_mechanism_is_not_flagged(private_data, tmp_path):
 @pytest.mark.slow
 def test_the_correct_mechanism_is_not_flagged_at_another_seed(private_data, tmp_path):
     """Seed 12, 2,000 Gaussian canaries of norm 10·C and the functorch engine: the clipping control's settings."""
-    report = _audit(private_data, tmp_path, "performance.engine=functorch", seed=12, direction="gaussian",
-                    canary_norm=10.0)
+    report = _audit(
+        private_data, tmp_path, "performance.engine=functorch", seed=12, direction="gaussian", canary_norm=10.0
+    )
     assert not report.flagged, report
 
 
@@ -310,8 +356,15 @@ class NoClipping(PrivateGradient):
 def test_clipping_off_is_flagged(private_data, tmp_path):
     """Gaussian canaries of norm 10·C, private examples through the functorch engine (which hands the mechanism
     per-example gradients to clip): nothing is clipped, so a sampled canary moves the release by 10·C."""
-    report = _audit(private_data, tmp_path, "performance.engine=functorch", seed=12, direction="gaussian",
-                    canary_norm=10.0, broken_mechanism=lambda real: _like(real, NoClipping))  # fmt: skip
+    report = _audit(
+        private_data,
+        tmp_path,
+        "performance.engine=functorch",
+        seed=12,
+        direction="gaussian",
+        canary_norm=10.0,
+        broken_mechanism=lambda real: _like(real, NoClipping),
+    )
     assert report.flagged, report
 
 
@@ -338,13 +391,27 @@ def test_two_examples_in_one_group_is_flagged(private_data, tmp_path):
 @pytest.mark.slow
 def test_augmented_runs_take_input_canaries_through_the_group_builder(private_data, tmp_path):
     """self_aug (K = 2 views) draws each input canary's views from its global index, like a private example's."""
-    config = load_config("tiny_test", [
-        f"data.root={private_data / 'data'}", f"data.cache_dir={private_data / 'cache'}", *HEAD,
-        "privacy.expected_batch_size=16", "privacy.epochs=0.1", "privacy.target_delta=1e-5", "augment.method=self_aug",
-        "augment.num_views=2", "performance.micro_batch_size=64",
-    ])  # fmt: skip
-    report = run_audit(config, AuditSettings(num_gradient_canaries=500, num_input_canaries=100), tmp_path / "run",
-                       secret_seed=1, audit_seed=2)  # fmt: skip
+    config = load_config(
+        "tiny_test",
+        [
+            f"data.root={private_data / 'data'}",
+            f"data.cache_dir={private_data / 'cache'}",
+            *HEAD,
+            "privacy.expected_batch_size=16",
+            "privacy.epochs=0.1",
+            "privacy.target_delta=1e-5",
+            "augment.method=self_aug",
+            "augment.num_views=2",
+            "performance.micro_batch_size=64",
+        ],
+    )
+    report = run_audit(
+        config,
+        AuditSettings(num_gradient_canaries=500, num_input_canaries=100),
+        tmp_path / "run",
+        secret_seed=1,
+        audit_seed=2,
+    )
     assert report.steps == 10 and {c.kind for c in report.canaries} == {"input", "gradient"}
 
 
@@ -352,8 +419,14 @@ def test_augmented_runs_take_input_canaries_through_the_group_builder(private_da
 
 
 def test_help_explains_the_audit():
-    out = subprocess.run([sys.executable, "launch/audit.py", "--help"], cwd=REPO, capture_output=True, text=True,
-                         check=True, env=offline_env())
+    out = subprocess.run(
+        [sys.executable, "launch/audit.py", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        env=offline_env(),
+    )
     for words in ("Steinke", "gradient canaries", "input canaries", "FLAGGED", "Bonferroni", "--canary-direction"):
         assert words in out.stdout
 
@@ -370,10 +443,27 @@ def _main(*argv: str) -> int:
 @pytest.mark.slow
 def test_the_command_reports_aggregates_and_writes_audit_json(private_data, tmp_path, capsys):
     out = tmp_path / "run"
-    code = _main("--config", "tiny_test", "--output-dir", str(out), "--gradient-canaries", "2000",
-                 "--input-canaries", "50", "--seed", "5", "--audit-seed", "6", f"data.root={private_data / 'data'}",
-                 f"data.cache_dir={private_data / 'cache'}", *HEAD, "privacy.expected_batch_size=16",
-                 "privacy.epochs=0.5", "privacy.target_delta=1e-5", "performance.micro_batch_size=64")  # fmt: skip
+    code = _main(
+        "--config",
+        "tiny_test",
+        "--output-dir",
+        str(out),
+        "--gradient-canaries",
+        "2000",
+        "--input-canaries",
+        "50",
+        "--seed",
+        "5",
+        "--audit-seed",
+        "6",
+        f"data.root={private_data / 'data'}",
+        f"data.cache_dir={private_data / 'cache'}",
+        *HEAD,
+        "privacy.expected_batch_size=16",
+        "privacy.epochs=0.5",
+        "privacy.target_delta=1e-5",
+        "performance.micro_batch_size=64",
+    )
     printed = capsys.readouterr()
     assert code == 0, printed.err[-2000:]
     report = json.loads((out / "audit.json").read_text())
@@ -386,17 +476,29 @@ def test_the_command_reports_aggregates_and_writes_audit_json(private_data, tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides, message", [
-    (["privacy.enabled=false"], "nothing to audit"),
-    (["privacy.no_such_key=1"], "privacy.no_such_key"),
-    (["--gradient-canaries", "20000"], "--canary-direction gaussian"),
-    (["--gradient-canaries", "0"], "no canaries"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["privacy.enabled=false"], "nothing to audit"),
+        (["privacy.no_such_key=1"], "privacy.no_such_key"),
+        (["--gradient-canaries", "20000"], "--canary-direction gaussian"),
+        (["--gradient-canaries", "0"], "no canaries"),
+    ],
+)
 def test_the_command_fails_with_one_line_naming_the_fix(private_data, tmp_path, capsys, overrides, message):
     flags = [o for o in overrides if o.startswith("--") or o.isdigit()]
     keys = [o for o in overrides if o not in flags]
-    code = _main("--config", "tiny_test", "--output-dir", str(tmp_path / "run"), *flags,
-                 f"data.root={private_data / 'data'}", f"data.cache_dir={private_data / 'cache'}",
-                 *HEAD, "privacy.target_delta=1e-5", *keys)
+    code = _main(
+        "--config",
+        "tiny_test",
+        "--output-dir",
+        str(tmp_path / "run"),
+        *flags,
+        f"data.root={private_data / 'data'}",
+        f"data.cache_dir={private_data / 'cache'}",
+        *HEAD,
+        "privacy.target_delta=1e-5",
+        *keys,
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and message in err and "Traceback" not in err

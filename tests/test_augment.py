@@ -47,13 +47,23 @@ def data(tmp_path_factory) -> dict:
     images = class_images(labels, 28, 1, seed=3)
     changed = images.copy()
     changed[5] = 255 - changed[5]  # example j = 5, replaced by another image (same label)
-    return {"a": _write(root / "a", images, labels), "b": _write(root / "b", changed, labels),
-            "syn": make_synthetic_folder(root / "syn", CLASSES, per_class=6), "root": root}  # fmt: skip
+    return {
+        "a": _write(root / "a", images, labels),
+        "b": _write(root / "b", changed, labels),
+        "syn": make_synthetic_folder(root / "syn", CLASSES, per_class=6),
+        "root": root,
+    }
 
 
 def _trainer(data: dict, tmp_path: Path, method: str, *extra: str, root: str = "a", device: str = "cpu") -> Trainer:
-    overrides = [f"data.root={data[root]}", f"data.cache_dir={data['root'] / 'cache'}", f"augment.method={method}",
-                 *METHODS[method], "run.progress_bar=false", *extra]  # fmt: skip
+    overrides = [
+        f"data.root={data[root]}",
+        f"data.cache_dir={data['root'] / 'cache'}",
+        f"augment.method={method}",
+        *METHODS[method],
+        "run.progress_bar=false",
+        *extra,
+    ]
     if method == "dpmix_diff":
         overrides.append(f"augment.synthetic_root={data['syn']}")
     return Trainer(load_config("tiny_test", overrides), Distributed(cpu=device == "cpu"), tmp_path, SEED)
@@ -110,7 +120,11 @@ def _naive_views(x: torch.Tensor, crops, flips, spec: AugmentConfig, p: int) -> 
     s = x.shape[-1]
     views = []
     for (top, left), flip in zip(crops, flips):
-        v = F.pad(x[None], (p, p, p, p), mode="reflect")[0, :, top : top + s, left : left + s] if "crop" in spec.transforms else x
+        v = (
+            F.pad(x[None], (p, p, p, p), mode="reflect")[0, :, top : top + s, left : left + s]
+            if "crop" in spec.transforms
+            else x
+        )
         views.append(torch.flip(v, dims=[-1]) if flip and "flip" in spec.transforms else v)
     return views
 
@@ -141,8 +155,13 @@ def _builder(spec: AugmentConfig, syn_labels: np.ndarray | None = None):
 @pytest.mark.parametrize("method", ["dpmix_self", "dpmix_diff"])
 def test_mixes_are_pixelwise_mixes_with_labels_mixed_by_the_same_lambda(method):
     syn_labels = np.arange(30) % 10
-    spec = _spec(method=method, num_views=3, num_mixes=6, num_synthetic=2 if method == "dpmix_diff" else 0,
-                 synthetic_root="x" if method == "dpmix_diff" else "")  # fmt: skip
+    spec = _spec(
+        method=method,
+        num_views=3,
+        num_mixes=6,
+        num_synthetic=2 if method == "dpmix_diff" else 0,
+        synthetic_root="x" if method == "dpmix_diff" else "",
+    )
     builder = _builder(spec, syn_labels if method == "dpmix_diff" else None)
     labels = torch.tensor([1, 7, 3, 3, 9, 0])
     images = class_images(labels.numpy(), 16, 3, seed=2)
@@ -173,7 +192,9 @@ def test_group_without_unmixed_members_is_the_mixes_only():
     spec = _spec(include_unmixed=False)
     builder = _builder(spec, np.arange(10))
     labels = torch.tensor([2, 4])
-    members, targets = builder.build(builder.draws(SEED, 0, torch.arange(2)), class_images(labels.numpy(), 16, 3, 1), labels)
+    members, targets = builder.build(
+        builder.draws(SEED, 0, torch.arange(2)), class_images(labels.numpy(), 16, 3, 1), labels
+    )
     assert builder.group_size == spec.num_mixes and members.shape[1] == targets.shape[1] == spec.num_mixes
     full = _builder(replace(spec, include_unmixed=True), np.arange(10))
     members_all, _ = full.build(full.draws(SEED, 0, torch.arange(2)), class_images(labels.numpy(), 16, 3, 1), labels)
@@ -229,9 +250,13 @@ def _naive_clipped_sum(trainer: Trainer, chunk: torch.Tensor) -> torch.Tensor:
             for j in draws.synthetic[r]:
                 members.append(trainer._to_input(syn.images[[j]])[0])
                 targets.append(F.one_hot(torch.tensor(int(syn.labels[j])), 10).float().to(device))
-            mixes = [(float(lam) * members[a] + (1 - float(lam)) * members[b],
-                      float(lam) * targets[a] + (1 - float(lam)) * targets[b])
-                     for (a, b), lam in zip(draws.pairs[r], draws.lams[r])]  # fmt: skip
+            mixes = [
+                (
+                    float(lam) * members[a] + (1 - float(lam)) * members[b],
+                    float(lam) * targets[a] + (1 - float(lam)) * targets[b],
+                )
+                for (a, b), lam in zip(draws.pairs[r], draws.lams[r])
+            ]
             if not spec.include_unmixed:
                 members, targets = [], []
             members += [m for m, _ in mixes]
@@ -244,10 +269,13 @@ def _naive_clipped_sum(trainer: Trainer, chunk: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("engine", ["layerwise", "functorch"])
-@pytest.mark.parametrize("method,extra", [(m, ()) for m in METHODS] + [("dpmix_diff", ("augment.include_unmixed=false",))])
+@pytest.mark.parametrize(
+    "method,extra", [(m, ()) for m in METHODS] + [("dpmix_diff", ("augment.include_unmixed=false",))]
+)
 def test_grouped_clipped_sum_equals_autograd_on_each_group_alone(data, tmp_path, method, extra, engine, device="cpu"):
-    trainer = _trainer(data, tmp_path, method, f"performance.engine={engine}", "privacy.max_grad_norm=0.05", *extra,
-                       device=device)
+    trainer = _trainer(
+        data, tmp_path, method, f"performance.engine={engine}", "privacy.max_grad_norm=0.05", *extra, device=device
+    )
     trainer.step = 3
     chunk = _sampled(trainer)[:12]
     inputs, targets = trainer._groups(trainer.train_store, chunk)
@@ -256,7 +284,9 @@ def test_grouped_clipped_sum_equals_autograd_on_each_group_alone(data, tmp_path,
     else:
         from dpmix_dist.privacy.clipping import clipped_sum, per_example_grads
 
-        grads, _ = per_example_grads(trainer._forward, {n: p.detach() for n, p in trainer.params.items()}, inputs, targets)
+        grads, _ = per_example_grads(
+            trainer._forward, {n: p.detach() for n, p in trainer.params.items()}, inputs, targets
+        )
         summed = clipped_sum(grads, trainer.guarantee.max_grad_norm)
     fast = torch.cat([summed[n].flatten() for n in trainer.params])
     naive = _naive_clipped_sum(trainer, chunk)
@@ -275,8 +305,9 @@ def test_groups_on_cuda(data, tmp_path, method):
     cuda = _trainer(data, tmp_path, method, device="cuda")
     assert cuda.dist.device.type == "cuda"
     size, (mean, std) = cuda.config.data.image_size, (cuda._mean, cuda._std)
-    cpu = GroupBuilder(cuda.config.augment, 10, lambda im: to_model_input(im, size, mean, std, "cpu"), size,
-                       cuda.groups.synthetic)
+    cpu = GroupBuilder(
+        cuda.config.augment, 10, lambda im: to_model_input(im, size, mean, std, "cpu"), size, cuda.groups.synthetic
+    )
     chunk = _sampled(cuda)[:12]
     draws = cuda.groups.draws(SEED, 0, chunk)
     images, labels = cuda.train_store.split.images[chunk.numpy()], cuda.train_store.labels(chunk)
@@ -303,7 +334,9 @@ def test_epsilon_is_the_same_for_every_method(data):
     guarantees = set()
     for method, extra in METHODS.items():
         syn = [f"augment.synthetic_root={data['syn']}"] if method == "dpmix_diff" else []
-        config = load_config("fmnist_effnet_lite0", [f"augment.method={method}", *extra, *syn, "privacy.accountant=rdp"])
+        config = load_config(
+            "fmnist_effnet_lite0", [f"augment.method={method}", *extra, *syn, "privacy.accountant=rdp"]
+        )
         g = plan_guarantee(config, 50_000)
         guarantees.add((g.noise_multiplier, g.sample_rate, g.steps, g.epsilon()))
     assert len(guarantees) == 1
@@ -331,27 +364,42 @@ def test_non_private_ceiling_has_no_clipping_no_noise_and_infinite_epsilon(data,
 # ---------------------------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("overrides,match", [
-    (["augment.method=dpmix_self", "augment.num_views=1", "augment.num_mixes=2"], "num_views >= 2"),
-    (["augment.method=dpmix_self", "augment.num_views=2"], "needs mixes"),
-    (["augment.method=self_aug", "augment.num_views=2", "augment.num_mixes=2"], "num_mixes=0"),
-    (["augment.method=dpmix_diff", "augment.num_views=2", "augment.num_mixes=2"], "synthetic_root"),
-    (["augment.method=self_aug", "augment.num_views=2", "augment.transforms=[crop, rotate]"], "choose distinct names"),
-    (["augment.method=self_aug", "augment.num_views=2", "augment.crop_padding_fraction=0.6"], "crop_padding_fraction"),
-    (["augment.method=self_aug", "augment.num_views=2", "augment.crop_padding=4"], "crop_padding_fraction"),
-    (["augment.method=dpsgd", "augment.num_views=4"], "method=self_aug"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["augment.method=dpmix_self", "augment.num_views=1", "augment.num_mixes=2"], "num_views >= 2"),
+        (["augment.method=dpmix_self", "augment.num_views=2"], "needs mixes"),
+        (["augment.method=self_aug", "augment.num_views=2", "augment.num_mixes=2"], "num_mixes=0"),
+        (["augment.method=dpmix_diff", "augment.num_views=2", "augment.num_mixes=2"], "synthetic_root"),
+        (
+            ["augment.method=self_aug", "augment.num_views=2", "augment.transforms=[crop, rotate]"],
+            "choose distinct names",
+        ),
+        (
+            ["augment.method=self_aug", "augment.num_views=2", "augment.crop_padding_fraction=0.6"],
+            "crop_padding_fraction",
+        ),
+        (["augment.method=self_aug", "augment.num_views=2", "augment.crop_padding=4"], "crop_padding_fraction"),
+        (["augment.method=dpsgd", "augment.num_views=4"], "method=self_aug"),
+    ],
+)
 def test_bad_augment_settings_are_named(overrides, match):
     with pytest.raises(ConfigError, match=match):
         load_config("tiny_test", overrides)
 
 
 def test_synthetic_root_must_be_public_synthetic_images(data, tmp_path):
-    base = ["augment.method=dpmix_diff", *METHODS["dpmix_diff"], f"data.root={data['a']}",
-            f"data.cache_dir={data['root'] / 'cache'}"]  # fmt: skip
+    base = [
+        "augment.method=dpmix_diff",
+        *METHODS["dpmix_diff"],
+        f"data.root={data['a']}",
+        f"data.cache_dir={data['root'] / 'cache'}",
+    ]
 
     def build(root):
-        return Trainer(load_config("tiny_test", [*base, f"augment.synthetic_root={root}"]), Distributed(cpu=True), tmp_path, SEED)
+        return Trainer(
+            load_config("tiny_test", [*base, f"augment.synthetic_root={root}"]), Distributed(cpu=True), tmp_path, SEED
+        )
 
     with pytest.raises(DataError, match="augment.synthetic_root: .*make synthetic"):
         build(tmp_path / "missing")

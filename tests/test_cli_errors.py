@@ -41,14 +41,29 @@ def data(tmp_path_factory) -> dict[str, Path]:
     return {"root": base / "shards", "base": base}
 
 
-def finetune(data: dict[str, Path], output_dir: Path, overrides: list[str] = (), *extra: str, cache: Path | None = None,
-             seed: int = 1) -> subprocess.CompletedProcess:  # fmt: skip
+def finetune(
+    data: dict[str, Path],
+    output_dir: Path,
+    overrides: list[str] = (),
+    *extra: str,
+    cache: Path | None = None,
+    seed: int = 1,
+) -> subprocess.CompletedProcess:
     cache = cache or data["base"] / "cache"
     args = [
-        "launch/finetune.py", "--config", "tiny_test",
-        f"data.root={data['root']}", f"data.cache_dir={cache}", *overrides,
-        "--output-dir", output_dir, "--seed", seed, "--cpu", *extra,
-    ]  # fmt: skip
+        "launch/finetune.py",
+        "--config",
+        "tiny_test",
+        f"data.root={data['root']}",
+        f"data.cache_dir={cache}",
+        *overrides,
+        "--output-dir",
+        output_dir,
+        "--seed",
+        seed,
+        "--cpu",
+        *extra,
+    ]
     return run(args)
 
 
@@ -161,9 +176,18 @@ def test_tiny_run_succeeds_and_does_not_leak_the_seed(data, tmp_path):
 
     summary = json.loads((out / "summary.json").read_text())
     keys = {
-        "test_accuracy", "epsilon", "delta", "accountant", "noise_multiplier", "sample_rate", "steps",
-        "expected_batch_size", "max_grad_norm", "world_size", "method",
-    }  # fmt: skip
+        "test_accuracy",
+        "epsilon",
+        "delta",
+        "accountant",
+        "noise_multiplier",
+        "sample_rate",
+        "steps",
+        "expected_batch_size",
+        "max_grad_norm",
+        "world_size",
+        "method",
+    }
     assert keys <= set(summary)
     config = load_config("tiny_test", [f"data.root={data['root']}", f"data.cache_dir={cache}"])
     p = config.privacy

@@ -9,8 +9,15 @@ import pytest
 import yaml
 
 from dpmix_dist.config import (
-    CONFIG_DIR, Config, ConfigError, PrivacyConfig, check_against_dataset, config_from_dict, dump_config, load_config,
-)  # fmt: skip
+    CONFIG_DIR,
+    Config,
+    ConfigError,
+    PrivacyConfig,
+    check_against_dataset,
+    config_from_dict,
+    dump_config,
+    load_config,
+)
 
 SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))  # configs/accelerate/*.yaml are accelerate's, not ours
 
@@ -309,7 +316,9 @@ def test_config_is_frozen():
 def test_config_that_is_not_utf8_text_names_the_file_and_the_fix(tmp_path):
     path = tmp_path / "binary.yaml"
     path.write_bytes(b"\xff\xfeprivacy:\n")
-    with pytest.raises(ConfigError, match=r"binary.yaml: not a UTF-8 text file \(byte 0xff at position 0\).*save it as UTF-8"):
+    with pytest.raises(
+        ConfigError, match=r"binary.yaml: not a UTF-8 text file \(byte 0xff at position 0\).*save it as UTF-8"
+    ):
         load_config(str(path))
 
 
@@ -348,28 +357,57 @@ SELF_AUG = ["augment.method=self_aug", "augment.num_views=2"]
 DPMIX_SELF = ["augment.method=dpmix_self", "augment.num_views=2", "augment.num_mixes=2"]
 
 
-@pytest.mark.parametrize("overrides, key, needed", [
-    (["optim.name=adam"], "optim.momentum", "only optim.name=sgd uses it, not optim.name=adam"),  # tiny_test sets 0.0
-    (["optim.name=adamw", "optim.momentum=0.9"], "optim.momentum", "not optim.name=adamw"),  # the default, written
-    (["augment.mix_alpha=0.5"], "augment.mix_alpha", "only augment.method=dpmix_self/dpmix_diff uses it, not "
-                                                     "augment.method=dpsgd"),
-    ([*SELF_AUG, "augment.mix_alpha=0.2"], "augment.mix_alpha", "not augment.method=self_aug"),
-    ([*SELF_AUG, "augment.include_unmixed=false"], "augment.include_unmixed", "not augment.method=self_aug"),
-    (["augment.include_unmixed=true"], "augment.include_unmixed", "not augment.method=dpsgd"),
-    (["augment.transforms=[flip]"], "augment.transforms", "only augment.method=self_aug/dpmix_self/dpmix_diff"),
-    (["augment.crop_padding_fraction=0.1"], "augment.crop_padding_fraction", "not augment.method=dpsgd"),
-    ([*SELF_AUG, "augment.transforms=[flip]", "augment.crop_padding_fraction=0.02"], "augment.crop_padding_fraction",
-     "only augment.transforms with crop uses it, not augment.transforms=[flip]"),
-    (["model.trainable=head"], "model.num_trainable_blocks", "only model.trainable=last_blocks uses it, not "
-                                                              "model.trainable=head"),  # tiny_test sets 2
-    (["model.trainable=all", "model.num_trainable_blocks=1"], "model.num_trainable_blocks", "not model.trainable=all"),
-    (["model.groupnorm_groups=16"], "model.groupnorm_groups",
-     "only model.norm=groupnorm uses it, not model.norm=freeze"),
-    (["performance.cache_frozen_features=false", "performance.feature_cache_on_disk=false"],
-     "performance.feature_cache_on_disk", "only performance.cache_frozen_features=true uses it"),
-    (["performance.cache_frozen_features=false", "performance.feature_cache_max_gb=4"],
-     "performance.feature_cache_max_gb", "not performance.cache_frozen_features=false"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, key, needed",
+    [
+        (
+            ["optim.name=adam"],
+            "optim.momentum",
+            "only optim.name=sgd uses it, not optim.name=adam",
+        ),  # tiny_test sets 0.0
+        (["optim.name=adamw", "optim.momentum=0.9"], "optim.momentum", "not optim.name=adamw"),  # the default, written
+        (
+            ["augment.mix_alpha=0.5"],
+            "augment.mix_alpha",
+            "only augment.method=dpmix_self/dpmix_diff uses it, not augment.method=dpsgd",
+        ),
+        ([*SELF_AUG, "augment.mix_alpha=0.2"], "augment.mix_alpha", "not augment.method=self_aug"),
+        ([*SELF_AUG, "augment.include_unmixed=false"], "augment.include_unmixed", "not augment.method=self_aug"),
+        (["augment.include_unmixed=true"], "augment.include_unmixed", "not augment.method=dpsgd"),
+        (["augment.transforms=[flip]"], "augment.transforms", "only augment.method=self_aug/dpmix_self/dpmix_diff"),
+        (["augment.crop_padding_fraction=0.1"], "augment.crop_padding_fraction", "not augment.method=dpsgd"),
+        (
+            [*SELF_AUG, "augment.transforms=[flip]", "augment.crop_padding_fraction=0.02"],
+            "augment.crop_padding_fraction",
+            "only augment.transforms with crop uses it, not augment.transforms=[flip]",
+        ),
+        (
+            ["model.trainable=head"],
+            "model.num_trainable_blocks",
+            "only model.trainable=last_blocks uses it, not model.trainable=head",
+        ),  # tiny_test sets 2
+        (
+            ["model.trainable=all", "model.num_trainable_blocks=1"],
+            "model.num_trainable_blocks",
+            "not model.trainable=all",
+        ),
+        (
+            ["model.groupnorm_groups=16"],
+            "model.groupnorm_groups",
+            "only model.norm=groupnorm uses it, not model.norm=freeze",
+        ),
+        (
+            ["performance.cache_frozen_features=false", "performance.feature_cache_on_disk=false"],
+            "performance.feature_cache_on_disk",
+            "only performance.cache_frozen_features=true uses it",
+        ),
+        (
+            ["performance.cache_frozen_features=false", "performance.feature_cache_max_gb=4"],
+            "performance.feature_cache_max_gb",
+            "not performance.cache_frozen_features=false",
+        ),
+    ],
+)
 def test_a_setting_that_does_nothing_is_refused_naming_it_and_the_fix(overrides, key, needed):
     message = _error("tiny_test", overrides)
     assert message.startswith(f"{key}: does nothing here: ")
@@ -388,24 +426,38 @@ def test_a_setting_written_in_the_file_is_refused_even_at_its_default(tmp_path):
     assert _error(str(path), []).startswith("optim.momentum: must be a number")
 
 
-@pytest.mark.parametrize("overrides, check", [
-    (["optim.name=adam", "optim.momentum=null"], lambda c: c.optim.name == "adam" and c.optim.momentum == 0.9),
-    (["model.trainable=head", "model.num_trainable_blocks=null"], lambda c: c.model.num_trainable_blocks == 1),
-    (["model.trainable=last_blocks", "model.num_trainable_blocks=3"], lambda c: c.model.num_trainable_blocks == 3),
-    (["model.norm=groupnorm", "model.groupnorm_groups=8"], lambda c: c.model.groupnorm_groups == 8),
-    ([*DPMIX_SELF, "augment.mix_alpha=0.5", "augment.include_unmixed=false", "augment.transforms=[crop]",
-      "augment.crop_padding_fraction=0.1"],
-     lambda c: (c.augment.mix_alpha, c.augment.include_unmixed, c.augment.transforms) == (0.5, False, ("crop",))),
-    ([*SELF_AUG, "augment.transforms=[flip]"], lambda c: c.augment.transforms == ("flip",)),
-    ([*SELF_AUG, "augment.crop_padding_fraction=0.1"], lambda c: c.augment.crop_padding_fraction == 0.1),
-    (["performance.cache_frozen_features=false"], lambda c: not c.performance.cache_frozen_features),
-    (["performance.feature_cache_on_disk=false"], lambda c: not c.performance.feature_cache_on_disk),
-    # the switches keep their section: one override makes the non-private ceiling, or a run without MLflow
-    (["privacy.enabled=false", "privacy.target_epsilon=2", "privacy.noise_multiplier=1.5"],
-     lambda c: not c.privacy.enabled and c.privacy.target_epsilon == 2),
-    (["tracking.enabled=false", "tracking.uri=sqlite:///x.db", "tracking.register_as=m"],
-     lambda c: not c.tracking.enabled and c.tracking.register_as == "m"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, check",
+    [
+        (["optim.name=adam", "optim.momentum=null"], lambda c: c.optim.name == "adam" and c.optim.momentum == 0.9),
+        (["model.trainable=head", "model.num_trainable_blocks=null"], lambda c: c.model.num_trainable_blocks == 1),
+        (["model.trainable=last_blocks", "model.num_trainable_blocks=3"], lambda c: c.model.num_trainable_blocks == 3),
+        (["model.norm=groupnorm", "model.groupnorm_groups=8"], lambda c: c.model.groupnorm_groups == 8),
+        (
+            [
+                *DPMIX_SELF,
+                "augment.mix_alpha=0.5",
+                "augment.include_unmixed=false",
+                "augment.transforms=[crop]",
+                "augment.crop_padding_fraction=0.1",
+            ],
+            lambda c: (c.augment.mix_alpha, c.augment.include_unmixed, c.augment.transforms) == (0.5, False, ("crop",)),
+        ),
+        ([*SELF_AUG, "augment.transforms=[flip]"], lambda c: c.augment.transforms == ("flip",)),
+        ([*SELF_AUG, "augment.crop_padding_fraction=0.1"], lambda c: c.augment.crop_padding_fraction == 0.1),
+        (["performance.cache_frozen_features=false"], lambda c: not c.performance.cache_frozen_features),
+        (["performance.feature_cache_on_disk=false"], lambda c: not c.performance.feature_cache_on_disk),
+        # the switches keep their section: one override makes the non-private ceiling, or a run without MLflow
+        (
+            ["privacy.enabled=false", "privacy.target_epsilon=2", "privacy.noise_multiplier=1.5"],
+            lambda c: not c.privacy.enabled and c.privacy.target_epsilon == 2,
+        ),
+        (
+            ["tracking.enabled=false", "tracking.uri=sqlite:///x.db", "tracking.register_as=m"],
+            lambda c: not c.tracking.enabled and c.tracking.register_as == "m",
+        ),
+    ],
+)
 def test_settings_that_are_used_load(overrides, check):
     assert check(load_config("tiny_test", overrides))
 
@@ -429,18 +481,46 @@ def test_null_override_restores_the_default_and_still_names_unknown_keys():
     assert _error("tiny_test", ["optim.momentun=null"]).startswith("optim.momentun: unknown key")
 
 
-@pytest.mark.parametrize("overrides, absent", [
-    ([], {"augment.mix_alpha", "augment.include_unmixed", "augment.transforms", "augment.crop_padding_fraction",
-          "model.groupnorm_groups"}),
-    (["optim.name=adam", "optim.momentum=null", "model.trainable=head", "model.num_trainable_blocks=null",
-      "performance.cache_frozen_features=false"],
-     {"optim.momentum", "model.num_trainable_blocks", "performance.feature_cache_on_disk",
-      "performance.feature_cache_max_gb", "model.groupnorm_groups", "augment.mix_alpha", "augment.include_unmixed",
-      "augment.transforms", "augment.crop_padding_fraction"}),
-    ([*SELF_AUG, "augment.transforms=[flip]"],
-     {"augment.mix_alpha", "augment.include_unmixed", "augment.crop_padding_fraction", "model.groupnorm_groups"}),
-    ([*DPMIX_SELF, "model.norm=groupnorm", "model.groupnorm_groups=8"], set()),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, absent",
+    [
+        (
+            [],
+            {
+                "augment.mix_alpha",
+                "augment.include_unmixed",
+                "augment.transforms",
+                "augment.crop_padding_fraction",
+                "model.groupnorm_groups",
+            },
+        ),
+        (
+            [
+                "optim.name=adam",
+                "optim.momentum=null",
+                "model.trainable=head",
+                "model.num_trainable_blocks=null",
+                "performance.cache_frozen_features=false",
+            ],
+            {
+                "optim.momentum",
+                "model.num_trainable_blocks",
+                "performance.feature_cache_on_disk",
+                "performance.feature_cache_max_gb",
+                "model.groupnorm_groups",
+                "augment.mix_alpha",
+                "augment.include_unmixed",
+                "augment.transforms",
+                "augment.crop_padding_fraction",
+            },
+        ),
+        (
+            [*SELF_AUG, "augment.transforms=[flip]"],
+            {"augment.mix_alpha", "augment.include_unmixed", "augment.crop_padding_fraction", "model.groupnorm_groups"},
+        ),
+        ([*DPMIX_SELF, "model.norm=groupnorm", "model.groupnorm_groups=8"], set()),
+    ],
+)
 def test_saved_config_leaves_out_what_does_nothing_and_loads_back(tmp_path, overrides, absent):
     config = load_config("tiny_test", overrides)
     text = dump_config(config)
@@ -463,8 +543,12 @@ def test_every_field_has_a_docstring():
     for cls in [Config, *(f.default_factory for f in dataclasses.fields(Config))]:
         body = classes[cls.__name__].body
         documented = {
-            node.target.id for node, after in zip(body, body[1:])
-            if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
-            and isinstance(after.value.value, str) and after.value.value.strip()
-        }  # fmt: skip
+            node.target.id
+            for node, after in zip(body, body[1:])
+            if isinstance(node, ast.AnnAssign)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+            and after.value.value.strip()
+        }
         assert {f.name for f in dataclasses.fields(cls)} - documented == set(), cls.__name__

@@ -20,8 +20,12 @@ from PIL import Image
 from dpmix_dist.data import shards
 from dpmix_dist.data.shards import load_split, read_metadata, write_dataset
 from dpmix_dist.data.sources import (
-    FASHION_MNIST_CLASSES, DataError, read_cifar, read_fashion_mnist, read_image_folder,
-)  # fmt: skip
+    FASHION_MNIST_CLASSES,
+    DataError,
+    read_cifar,
+    read_fashion_mnist,
+    read_image_folder,
+)
 from dpmix_dist.testing import datagen
 
 KINDS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder")
@@ -31,8 +35,12 @@ def prepare(*args: str) -> subprocess.CompletedProcess:
     """Run launch/prepare_data.py as a user would."""
     return subprocess.run(
         [sys.executable, "launch/prepare_data.py", *map(str, args)],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env=offline_env(),
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=offline_env(),
+    )
 
 
 def prepare_ok(*args: str) -> subprocess.CompletedProcess:
@@ -360,13 +368,16 @@ def test_unknown_split(prepared, tmp_path):
         load_split(prepared["fashion_mnist"], "validation", tmp_path / "cache")
 
 
-@pytest.mark.parametrize("folder,command", [
-    ("data/cifar100", "prepare_data.py cifar100 --out data/cifar100"),
-    ("data/cifar10", "prepare_data.py cifar10 --out data/cifar10"),
-    ("data/fashion_mnist", "make data"),
-    ("data/fashion_mnist_2k", "make data"),
-    ("data/mine", "DATASET --out data/mine"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "folder,command",
+    [
+        ("data/cifar100", "prepare_data.py cifar100 --out data/cifar100"),
+        ("data/cifar10", "prepare_data.py cifar10 --out data/cifar10"),
+        ("data/fashion_mnist", "make data"),
+        ("data/fashion_mnist_2k", "make data"),
+        ("data/mine", "DATASET --out data/mine"),
+    ],
+)
 def test_missing_data_folder_names_the_command_for_its_own_data_set(folder, command, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError, match=f"folder {folder} does not exist") as info:

@@ -32,20 +32,46 @@ def shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
     raw = make_fashion_mnist_idx(root / "idx", num_train=240, num_test=60)
     out = root / "shards"
-    subprocess.run([sys.executable, "launch/prepare_data.py", "fashion_mnist", "--source", str(raw), "--out", str(out)],
-                   cwd=REPO, check=True, capture_output=True, env=offline_env())
+    subprocess.run(
+        [sys.executable, "launch/prepare_data.py", "fashion_mnist", "--source", str(raw), "--out", str(out)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        env=offline_env(),
+    )
     return out
 
 
 def _launch_cmd(num_processes: int, port: int, extra_launch: list[str] = ()) -> list[str]:
     config = "cpu_1proc.yaml" if num_processes == 1 else "cpu_2proc.yaml"
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"configs/accelerate/{config}",
-            "--num_processes", str(num_processes), "--main_process_port", str(port), *extra_launch]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        f"configs/accelerate/{config}",
+        "--num_processes",
+        str(num_processes),
+        "--main_process_port",
+        str(port),
+        *extra_launch,
+    ]
 
 
 def _train_args(shards: Path, out: Path, cache: Path, *overrides: str) -> list[str]:
-    return ["launch/finetune.py", "--config", "tiny_test", "--seed", SEED, "--output-dir", str(out),
-            f"data.root={shards}", f"data.cache_dir={cache}", "run.eval_every_epochs=0.1", *overrides]
+    return [
+        "launch/finetune.py",
+        "--config",
+        "tiny_test",
+        "--seed",
+        SEED,
+        "--output-dir",
+        str(out),
+        f"data.root={shards}",
+        f"data.cache_dir={cache}",
+        "run.eval_every_epochs=0.1",
+        *overrides,
+    ]
 
 
 def _run(num_processes: int, shards: Path, out: Path, *overrides: str, timeout: int = 300) -> dict:
@@ -88,8 +114,14 @@ def test_world_size_does_not_change_the_result(shards, reference, tmp_path, worl
 
 def test_micro_batch_size_feature_cache_and_engine_do_not_change_the_result(shards, reference, tmp_path):
     # the reference ran the default layer-wise engine; this one the generic torch.func engine
-    _run(1, shards, tmp_path / "run", "performance.micro_batch_size=3", "performance.cache_frozen_features=false",
-         "performance.engine=functorch")
+    _run(
+        1,
+        shards,
+        tmp_path / "run",
+        "performance.micro_batch_size=3",
+        "performance.cache_frozen_features=false",
+        "performance.engine=functorch",
+    )
     _assert_same_model(reference, tmp_path / "run")
 
 
@@ -132,13 +164,29 @@ def test_two_simulated_nodes_match_one_process(shards, reference, tmp_path):
     port, out = free_port(), tmp_path / "run"
     procs = []
     for machine_rank in (0, 1):
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/multinode.yaml",
-               "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(machine_rank),
-               "--main_process_ip", "127.0.0.1", "--main_process_port", str(port)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            "configs/accelerate/multinode.yaml",
+            "--num_machines",
+            "2",
+            "--num_processes",
+            "2",
+            "--machine_rank",
+            str(machine_rank),
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            str(port),
+        ]
         cmd += _train_args(shards, out, tmp_path / f"cache{machine_rank}")  # node-local caches
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
     outputs = [p.communicate(timeout=300) for p in procs]
-    for p, (stdout, stderr) in zip(procs, outputs):
+    for p, (_stdout, stderr) in zip(procs, outputs):
         assert p.returncode == 0, stderr[-3000:]
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
     _assert_same_model(reference, out)
@@ -148,8 +196,9 @@ def test_interrupted_run_resumes_to_the_same_model(shards, reference, tmp_path):
     out = tmp_path / "run"
     # slow the steps a little so the signal lands mid-run, and checkpoint every step
     cmd = _launch_cmd(2, free_port()) + _train_args(shards, out, tmp_path / "cache", "run.checkpoint_every_epochs=0.1")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     deadline = time.time() + 240
     while not (out / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -160,8 +209,14 @@ def test_interrupted_run_resumes_to_the_same_model(shards, reference, tmp_path):
     assert proc.returncode != 0
     assert (out / "checkpoint.pt").exists()
     assert (os.stat(out / "checkpoint.pt").st_mode & 0o777) == 0o600  # private artifact: holds the seed
-    resumed = subprocess.run(_launch_cmd(2, free_port()) + _train_args(shards, out, tmp_path / "cache") + ["--resume"],
-                             cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        _launch_cmd(2, free_port()) + _train_args(shards, out, tmp_path / "cache") + ["--resume"],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert not (out / "checkpoint.pt").exists()
     _assert_same_model(reference, out)
@@ -182,8 +237,9 @@ def test_check_identical_detects_diverged_ranks(tmp_path):
         f"open(f'{tmp_path}/rank{{d.rank}}.txt', 'w').write(result)\n"
         "d.close()\n"
     )
-    proc = subprocess.run(_launch_cmd(2, free_port()) + [str(script)], cwd=REPO, env=_env(), capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        _launch_cmd(2, free_port()) + [str(script)], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     for rank in (0, 1):  # every rank sees the divergence, not only the one that differs
         assert (tmp_path / f"rank{rank}.txt").read_text().startswith("DETECTED parameters differ across ranks")

@@ -23,21 +23,32 @@ SEED = 99
 
 def _write(root: Path, seed: int) -> Path:
     labels = np.arange(48) % 10
-    splits = {"train": RawSplit(class_images(labels, 28, 1, seed), labels),
-              "test": RawSplit(class_images(labels[:20], 28, 1, 5), labels[:20])}  # fmt: skip
+    splits = {
+        "train": RawSplit(class_images(labels, 28, 1, seed), labels),
+        "test": RawSplit(class_images(labels[:20], 28, 1, 5), labels[:20]),
+    }
     return write_dataset(RawDataset("fashion_mnist", tuple(CLASSES), splits, "tests"), root)
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("featcache")
-    return {"a": _write(root / "a", 1), "b": _write(root / "b", 2), "root": root,
-            "syn": make_synthetic_folder(root / "syn", CLASSES, per_class=4)}  # fmt: skip
+    return {
+        "a": _write(root / "a", 1),
+        "b": _write(root / "b", 2),
+        "root": root,
+        "syn": make_synthetic_folder(root / "syn", CLASSES, per_class=4),
+    }
 
 
 def _trainer(data: dict, cache: Path, *extra: str, root: str = "a") -> Trainer:
-    overrides = [f"data.root={data[root]}", f"data.cache_dir={cache}", "model.trainable=head",
-                 "model.num_trainable_blocks=null", *extra]  # tiny_test trains its last 2 blocks: the head only
+    overrides = [
+        f"data.root={data[root]}",
+        f"data.cache_dir={cache}",
+        "model.trainable=head",
+        "model.num_trainable_blocks=null",
+        *extra,
+    ]  # tiny_test trains its last 2 blocks: the head only
     return Trainer(load_config("tiny_test", overrides), Distributed(cpu=True), data["root"], SEED)
 
 
@@ -76,18 +87,34 @@ def test_what_the_features_depend_on_changes_the_key(data, tmp_path):
 
 
 def test_synthetic_members_come_from_a_cache_equal_to_the_prefix(data, tmp_path):
-    trainer = _trainer(data, tmp_path / "cache", "augment.method=dpmix_diff", "augment.num_views=2",
-                       "augment.num_mixes=2", "augment.num_synthetic=2", f"augment.synthetic_root={data['syn']}")  # fmt: skip
+    trainer = _trainer(
+        data,
+        tmp_path / "cache",
+        "augment.method=dpmix_diff",
+        "augment.num_views=2",
+        "augment.num_mixes=2",
+        "augment.num_synthetic=2",
+        f"augment.synthetic_root={data['syn']}",
+    )
     synthetic = trainer.groups.synthetic
     assert trainer.synthetic_store is not None and len(trainer.synthetic_store) == len(synthetic)
     with torch.no_grad():
         for j in (0, 7, len(synthetic) - 1):
             direct = trainer.dp_model.cut.prefix(trainer._to_input(synthetic.images[[j]]))
-            torch.testing.assert_close(trainer.synthetic_store.features(torch.tensor([j])), direct, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                trainer.synthetic_store.features(torch.tensor([j])), direct, rtol=1e-5, atol=1e-6
+            )
     # with feature caching off, nothing is cached and every member runs the prefix (the same groups)
-    plain = _trainer(data, tmp_path / "cache2", "augment.method=dpmix_diff", "augment.num_views=2",
-                     "augment.num_mixes=2", "augment.num_synthetic=2", f"augment.synthetic_root={data['syn']}",
-                     "performance.cache_frozen_features=false")  # fmt: skip
+    plain = _trainer(
+        data,
+        tmp_path / "cache2",
+        "augment.method=dpmix_diff",
+        "augment.num_views=2",
+        "augment.num_mixes=2",
+        "augment.num_synthetic=2",
+        f"augment.synthetic_root={data['syn']}",
+        "performance.cache_frozen_features=false",
+    )
     assert plain.synthetic_store is None
     chunk = torch.arange(8)
     cached_inputs, targets = trainer._groups(trainer.train_store, chunk)

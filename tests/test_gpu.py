@@ -38,8 +38,16 @@ def test_per_group_grads_on_cuda_match_naive_loop(kind):
 
 def test_noise_std_on_cuda():
     shapes = {"w": torch.Size([1000, 100])}
-    mech = PrivateGradient(shapes, noise_multiplier=1.5, max_grad_norm=2.0, expected_batch_size=30.0, secret_seed=3,
-                           world_size=1, all_reduce_sum=lambda t: None, device="cuda")
+    mech = PrivateGradient(
+        shapes,
+        noise_multiplier=1.5,
+        max_grad_norm=2.0,
+        expected_batch_size=30.0,
+        secret_seed=3,
+        world_size=1,
+        all_reduce_sum=lambda t: None,
+        device="cuda",
+    )
     mech.begin_step(0)
     noise = mech.finish_step()
     assert noise.is_cuda
@@ -50,14 +58,32 @@ def test_noise_std_on_cuda():
 def test_end_to_end_run_on_cuda(tmp_path):
     raw = make_fashion_mnist_idx(tmp_path / "idx", num_train=240, num_test=60)
     shards = tmp_path / "shards"
-    subprocess.run([sys.executable, "launch/prepare_data.py", "fashion_mnist", "--source", str(raw), "--out", str(shards)],
-                   cwd=REPO, check=True, env=offline_env())
+    subprocess.run(
+        [sys.executable, "launch/prepare_data.py", "fashion_mnist", "--source", str(raw), "--out", str(shards)],
+        cwd=REPO,
+        check=True,
+        env=offline_env(),
+    )
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "launch/finetune.py", "--config", "tiny_test", "--seed", "5", "--output-dir", str(out),
-         f"data.root={shards}", f"data.cache_dir={tmp_path / 'cache'}"],
-        cwd=REPO, capture_output=True, text=True, env=offline_env(), timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "launch/finetune.py",
+            "--config",
+            "tiny_test",
+            "--seed",
+            "5",
+            "--output-dir",
+            str(out),
+            f"data.root={shards}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=offline_env(),
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epsilon"] <= 8.0 and summary["steps"] > 0
@@ -82,8 +108,9 @@ def _layerwise_vs_naive(kind: str, num_views: int, device: str) -> None:
     # bf16: the engine may lose no more than bf16 itself loses in the naive loop (both against the fp32 reference)
     half, _ = engine.clipped_sum(inputs, targets, max_norm, autocast_dtype=torch.bfloat16)
     with torch.autocast(device, dtype=torch.bfloat16):
-        naive_half = naive_clipped_sum(*naive_group_grads(dp.cut.tail, dp.trainable_params(), inputs, targets),
-                                       max_norm)
+        naive_half = naive_clipped_sum(
+            *naive_group_grads(dp.cut.tail, dp.trainable_params(), inputs, targets), max_norm
+        )
     flat = lambda d: torch.cat([g.float().flatten() for g in d.values()])  # noqa: E731
     ref = flat(expected)
     assert all(g.dtype == torch.float32 for g in half.values())  # sums stay fp32 under bf16 autocast
@@ -111,14 +138,27 @@ def test_synthetic_generation_on_cuda(tmp_path):
 
     pipe = make_tiny_text2image_pipeline(tmp_path / "pipe")
     cfg = {
-        "generator": {"kind": "text2image", "model": str(pipe), "num_inference_steps": 4, "resolution": 32,
-                      "output_size": 16, "batch_size": 8, "precision": "auto"},
+        "generator": {
+            "kind": "text2image",
+            "model": str(pipe),
+            "num_inference_steps": 4,
+            "resolution": 32,
+            "output_size": 16,
+            "batch_size": 8,
+            "precision": "auto",
+        },
         "classes": {"names": ["cat", "dog"]},
         "output": {"dir": str(tmp_path / "out"), "images_per_class": 6, "images_per_shard": 5},
-    }  # fmt: skip
+    }
     (tmp_path / "gen.yaml").write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run([sys.executable, "launch/generate.py", "--config", str(tmp_path / "gen.yaml"), "--no-progress"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600, env=offline_env())  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "launch/generate.py", "--config", str(tmp_path / "gen.yaml"), "--no-progress"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=offline_env(),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     meta = read_metadata(tmp_path / "out")
     assert meta["splits"]["train"]["class_counts"] == [6, 6]
@@ -127,9 +167,24 @@ def test_synthetic_generation_on_cuda(tmp_path):
 
     # class-conditional: the same seeds give (nearly) the same images on the GPU as on the CPU
     raw = make_fashion_mnist_idx(tmp_path / "idx", num_train=40, num_test=10)
-    subprocess.run([sys.executable, "launch/prepare_data.py", "fashion_mnist", "--source", str(raw), "--out",
-                    str(tmp_path / "priv"), "--public-out", str(tmp_path / "pub"), "--public-count", "20"],
-                   cwd=REPO, check=True, env=offline_env())  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "launch/prepare_data.py",
+            "fashion_mnist",
+            "--source",
+            str(raw),
+            "--out",
+            str(tmp_path / "priv"),
+            "--public-out",
+            str(tmp_path / "pub"),
+            "--public-count",
+            "20",
+        ],
+        cwd=REPO,
+        check=True,
+        env=offline_env(),
+    )
     gen = make_tiny_class_conditional_generator(tmp_path / "gen", tmp_path / "pub")
     on_cpu = ClassConditionalSampler(gen).sample([0, 1, 2], [5, 6, 7], steps=5, guidance=2.0)
     on_gpu = ClassConditionalSampler(gen, device="cuda").sample([0, 1, 2], [5, 6, 7], steps=5, guidance=2.0)

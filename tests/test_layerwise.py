@@ -27,7 +27,15 @@ def _tail_batch(dp, num_groups, num_views, seed):
 
 @pytest.mark.parametrize(
     "kind",
-    ["vit_last", "resnet_gn", "efficientnet", "tf_effnet_lite0_tail", "convnext_head", "convnext_all", "convnext_conv_mlp"],
+    [
+        "vit_last",
+        "resnet_gn",
+        "efficientnet",
+        "tf_effnet_lite0_tail",
+        "convnext_head",
+        "convnext_all",
+        "convnext_conv_mlp",
+    ],
 )
 @pytest.mark.parametrize("num_views", [1, 4])
 def test_layerwise_clipped_sum_matches_naive(kind, num_views):
@@ -48,8 +56,12 @@ def test_layerwise_clipped_sum_matches_naive(kind, num_views):
 
 @pytest.mark.parametrize(
     ("kind", "refused"),
-    [("efficientnet_gn_last", None), ("efficientnet_ln", None), ("resnetv2_bit", "StdConv2d"),
-     ("nfnet", "ScaledStdConv2d")],
+    [
+        ("efficientnet_gn_last", None),
+        ("efficientnet_ln", None),
+        ("resnetv2_bit", "StdConv2d"),
+        ("nfnet", "ScaledStdConv2d"),
+    ],
 )
 def test_timm_subclasses_are_exact_or_refused_in_the_constructor(kind, refused):
     """timm subclasses of Conv2d / GroupNorm / LayerNorm whose forward is not the base class's: GroupNormAct and
@@ -96,20 +108,34 @@ def _layer(name: str) -> tuple[nn.Module, bool]:
 
     # by module path: timm.layers re-exports a function named conv2d_same over the module of that name
     conv2d_same, layer_scale, timm_linear, norm, norm_act, std_conv, metaformer = (
-        import_module(f"timm.{m}") for m in ("layers.conv2d_same", "layers.layer_scale", "layers.linear", "layers.norm",
-                                              "layers.norm_act", "layers.std_conv", "models.metaformer"))
+        import_module(f"timm.{m}")
+        for m in (
+            "layers.conv2d_same",
+            "layers.layer_scale",
+            "layers.linear",
+            "layers.norm",
+            "layers.norm_act",
+            "layers.std_conv",
+            "models.metaformer",
+        )
+    )
 
     act = dict(act_layer=nn.GELU)  # inplace or not, B must be taken before it
     layers = {
-        "Linear": (nn.Linear(8, 8), True), "timm.Linear": (timm_linear.Linear(8, 8), True),
+        "Linear": (nn.Linear(8, 8), True),
+        "timm.Linear": (timm_linear.Linear(8, 8), True),
         "Conv2d": (nn.Conv2d(8, 8, 3, padding=1), False),
         "Conv2d_same_reflect": (nn.Conv2d(8, 8, 4, padding="same", padding_mode="reflect"), False),  # even kernel
         "Conv2d_same": (nn.Conv2d(8, 8, (2, 3), padding="same", dilation=2), False),
         "Conv2dSame": (conv2d_same.Conv2dSame(8, 8, 3, stride=2), False),
-        "LayerNorm": (nn.LayerNorm(8), True), "timm.LayerNorm": (norm.LayerNorm(8), True),
-        "LayerNormFp32": (norm.LayerNormFp32(8), True), "LayerNorm2d": (norm.LayerNorm2d(8), False),
-        "LayerNorm2dFp32": (norm.LayerNorm2dFp32(8), False), "GroupNorm": (nn.GroupNorm(2, 8), False),
-        "timm.GroupNorm": (norm.GroupNorm(8, num_groups=2), False), "GroupNorm1": (norm.GroupNorm1(8), False),
+        "LayerNorm": (nn.LayerNorm(8), True),
+        "timm.LayerNorm": (norm.LayerNorm(8), True),
+        "LayerNormFp32": (norm.LayerNormFp32(8), True),
+        "LayerNorm2d": (norm.LayerNorm2d(8), False),
+        "LayerNorm2dFp32": (norm.LayerNorm2dFp32(8), False),
+        "GroupNorm": (nn.GroupNorm(2, 8), False),
+        "timm.GroupNorm": (norm.GroupNorm(8, num_groups=2), False),
+        "GroupNorm1": (norm.GroupNorm1(8), False),
         "LayerNormNoBias": (metaformer.LayerNormNoBias(8), True),
         "LayerNorm2dNoBias": (metaformer.LayerNorm2dNoBias(8), False),
         "GroupNorm1NoBias": (metaformer.GroupNorm1NoBias(8), False),
@@ -125,27 +151,64 @@ def _layer(name: str) -> tuple[nn.Module, bool]:
         "Scale_nchw": (metaformer.Scale(8, init_value=0.5, use_nchw=True), False),
         # refused: weight standardised in forward, padding cached from the first input, other norms, a trainable
         # BatchNorm (per-example in eval, but the toolkit never trains BN affine), a subclass
-        "StdConv2d": (std_conv.StdConv2d(8, 8, 3), False), "StdConv2dSame": (std_conv.StdConv2dSame(8, 8, 3), False),
+        "StdConv2d": (std_conv.StdConv2d(8, 8, 3), False),
+        "StdConv2dSame": (std_conv.StdConv2dSame(8, 8, 3), False),
         "ScaledStdConv2d": (std_conv.ScaledStdConv2d(8, 8, 3), False),
         "ScaledStdConv2dSame": (std_conv.ScaledStdConv2dSame(8, 8, 3), False),
         "Conv2dSameExport": (conv2d_same.Conv2dSameExport(8, 8, 3, stride=2), False),
-        "LayerNormExp2d": (norm.LayerNormExp2d(8), False), "RmsNorm": (norm.RmsNorm(8), True),
-        "BatchNormAct2d": (norm_act.BatchNormAct2d(8, **act), False), "_Doubled": (_Doubled(8, 8), True),
+        "LayerNormExp2d": (norm.LayerNormExp2d(8), False),
+        "RmsNorm": (norm.RmsNorm(8), True),
+        "BatchNormAct2d": (norm_act.BatchNormAct2d(8, **act), False),
+        "_Doubled": (_Doubled(8, 8), True),
     }
     return layers[name]
 
 
-_REFUSED = ["StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame", "Conv2dSameExport",
-            "LayerNormExp2d", "RmsNorm", "BatchNormAct2d", "_Doubled"]
+_REFUSED = [
+    "StdConv2d",
+    "StdConv2dSame",
+    "ScaledStdConv2d",
+    "ScaledStdConv2dSame",
+    "Conv2dSameExport",
+    "LayerNormExp2d",
+    "RmsNorm",
+    "BatchNormAct2d",
+    "_Doubled",
+]
 
 
 @pytest.mark.parametrize(
     "name",
-    ["Linear", "timm.Linear", "Conv2d", "Conv2d_same_reflect", "Conv2d_same", "Conv2dSame", "LayerNorm",
-     "timm.LayerNorm", "LayerNormFp32", "LayerNorm2d", "LayerNorm2dFp32", "GroupNorm", "timm.GroupNorm", "GroupNorm1",
-     "LayerNormNoBias", "LayerNorm2dNoBias",
-     "GroupNorm1NoBias", "LayerNormAct", "LayerNormActFp32", "LayerNormAct2d", "LayerNormAct2dFp32", "GroupNormAct",
-     "GroupNorm1Act", "LayerScale", "LayerScale2d", "Scale", "Scale_nchw", *_REFUSED],
+    [
+        "Linear",
+        "timm.Linear",
+        "Conv2d",
+        "Conv2d_same_reflect",
+        "Conv2d_same",
+        "Conv2dSame",
+        "LayerNorm",
+        "timm.LayerNorm",
+        "LayerNormFp32",
+        "LayerNorm2d",
+        "LayerNorm2dFp32",
+        "GroupNorm",
+        "timm.GroupNorm",
+        "GroupNorm1",
+        "LayerNormNoBias",
+        "LayerNorm2dNoBias",
+        "GroupNorm1NoBias",
+        "LayerNormAct",
+        "LayerNormActFp32",
+        "LayerNormAct2d",
+        "LayerNormAct2dFp32",
+        "GroupNormAct",
+        "GroupNorm1Act",
+        "LayerScale",
+        "LayerScale2d",
+        "Scale",
+        "Scale_nchw",
+        *_REFUSED,
+    ],
 )
 def test_each_registered_class_is_exact_and_any_other_is_refused(name):
     torch.manual_seed(0)

@@ -17,9 +17,15 @@ SHAPES = {"w": torch.Size([40, 25]), "b": torch.Size([25])}
 
 def _mechanism(sigma=1.0, c=2.0, batch=50.0, seed=7, world_size=1, all_reduce=lambda t: None, secure=False):
     return PrivateGradient(
-        SHAPES, noise_multiplier=sigma, max_grad_norm=c, expected_batch_size=batch,
-        secret_seed=seed, world_size=world_size, all_reduce_sum=all_reduce, secure_noise=secure,
-    )  # fmt: skip
+        SHAPES,
+        noise_multiplier=sigma,
+        max_grad_norm=c,
+        expected_batch_size=batch,
+        secret_seed=seed,
+        world_size=world_size,
+        all_reduce_sum=all_reduce,
+        secure_noise=secure,
+    )
 
 
 def _grads(n, scale=1.0, seed=0):
@@ -42,7 +48,9 @@ def test_union_of_local_samples_is_the_global_poisson_sample_for_any_world_size(
     for step in range(5):
         reference = poisson_mask(11, step, n, q, secure).nonzero().squeeze(1)
         for world_size in (1, 2, 4):
-            union = torch.cat([sample_local(11, step, owned_indices(n, r, world_size), n, q, secure) for r in range(world_size)])
+            union = torch.cat(
+                [sample_local(11, step, owned_indices(n, r, world_size), n, q, secure) for r in range(world_size)]
+            )
             assert torch.equal(torch.sort(union).values, reference)
 
 
@@ -61,8 +69,14 @@ def test_empirical_sampling_rate_is_q_including_multi_rank_and_empty_local_batch
     assert stats.binomtest(int(total), n * steps, q).pvalue > 1e-4
     assert empty_local > 0  # q·n/W = 0.5: empty local batches happen and are handled
     # each example is sampled independently: per-example counts ~ Binomial(steps, q)
-    assert stats.chisquare(torch.bincount(counts.long(), minlength=12)[:4].numpy() + 0.0,
-                           [n * stats.binom.pmf(k, steps, q) for k in range(4)], sum_check=False).pvalue > 1e-4
+    assert (
+        stats.chisquare(
+            torch.bincount(counts.long(), minlength=12)[:4].numpy() + 0.0,
+            [n * stats.binom.pmf(k, steps, q) for k in range(4)],
+            sum_check=False,
+        ).pvalue
+        > 1e-4
+    )
 
 
 @pytest.mark.parametrize("secure", [False, True], ids=["torch", "secure"])
@@ -200,7 +214,7 @@ def test_secure_noise_is_chunked_by_coordinate_and_normal_in_the_tails():
 
     short = secure_random.gaussian_noise(3, 0, 1000, 1.0)
     long = secure_random.gaussian_noise(3, 0, secure_random.CHUNK + 7, 1.0)
-    assert torch.equal(long[:1000], short) and not torch.equal(long[secure_random.CHUNK:][:7], short[:7])
+    assert torch.equal(long[:1000], short) and not torch.equal(long[secure_random.CHUNK :][:7], short[:7])
     z = long.double().numpy()
     assert stats.kstest(z, "norm").pvalue > 1e-4
     for k in (3, 4):

@@ -48,7 +48,7 @@ def test_trainable_selection():
     assert set(head.trainable_names) == {"model.classifier.weight", "model.classifier.bias"}
     model = timm.create_model("test_efficientnet", num_classes=4)
     last = make_dp_model(model, trainable="last_blocks", num_trainable_blocks=1)
-    last_block_prefix = "model.blocks.%d." % (len(model.blocks) - 1)
+    last_block_prefix = f"model.blocks.{len(model.blocks) - 1}."
     assert any(n.startswith(last_block_prefix) for n in last.trainable_names)
     assert not any(n.startswith("model.blocks.0.") for n in last.trainable_names)
     assert not any(".bn" in n for n in last.trainable_names)  # frozen BN: affine not trained
@@ -114,5 +114,7 @@ def test_weights_from_a_local_file(tmp_path):
 
 def test_hub_weights_offline_fail_with_the_fix(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelError, match="model.weights=hub: could not fetch pretrained test_efficientnet.*model.weights=/path"):
+    with pytest.raises(
+        ModelError, match="model.weights=hub: could not fetch pretrained test_efficientnet.*model.weights=/path"
+    ):
         create_backbone("test_efficientnet", "hub", num_classes=10)

@@ -29,9 +29,25 @@ NUMBER = re.compile(r"-?\d+\.\d{3,}(?:[eE][-+]?\d+)?")
 def private_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pv")
     raw = make_fashion_mnist_idx(root / "idx", num_train=200, num_test=40)
-    subprocess.run([sys.executable, "launch/prepare_data.py", "fashion_mnist", "--source", str(raw), "--out",
-                    str(root / "priv"), "--public-out", str(root / "pub"), "--public-count", "40"],
-                   cwd=REPO, check=True, capture_output=True, env=offline_env())  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "launch/prepare_data.py",
+            "fashion_mnist",
+            "--source",
+            str(raw),
+            "--out",
+            str(root / "priv"),
+            "--public-out",
+            str(root / "pub"),
+            "--public-count",
+            "40",
+        ],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        env=offline_env(),
+    )
     return root / "priv"
 
 
@@ -42,7 +58,11 @@ def _tracked_run(cwd: Path, private_root: Path, monkeypatch, capfd, *overrides: 
     from dpmix_dist.privacy.layerwise import LayerwiseClipper
 
     per_step: list[list[float]] = []
-    original_step, original_clip, original_grads = train.Trainer.train_step, LayerwiseClipper.clipped_sum, train.per_example_grads
+    original_step, original_clip, original_grads = (
+        train.Trainer.train_step,
+        LayerwiseClipper.clipped_sum,
+        train.per_example_grads,
+    )
 
     def step_spy(self, store):
         per_step.append([])
@@ -64,10 +84,22 @@ def _tracked_run(cwd: Path, private_root: Path, monkeypatch, capfd, *overrides: 
     monkeypatch.setattr(train, "per_example_grads", grads_spy)
     monkeypatch.chdir(cwd)
     args = argparse.Namespace(
-        config="tiny_test", output_dir=cwd / "run", resume=False, seed=None, cpu=True,
-        overrides=[f"data.root={private_root}", f"data.cache_dir={cwd / 'cache'}", "tracking.enabled=true",
-                   f"tracking.uri=sqlite:///{cwd / 'mlflow.db'}", "tracking.register_as=tiny", "run.progress_bar=true", "run.eval_every_epochs=0.5", *overrides],
-    )  # fmt: skip
+        config="tiny_test",
+        output_dir=cwd / "run",
+        resume=False,
+        seed=None,
+        cpu=True,
+        overrides=[
+            f"data.root={private_root}",
+            f"data.cache_dir={cwd / 'cache'}",
+            "tracking.enabled=true",
+            f"tracking.uri=sqlite:///{cwd / 'mlflow.db'}",
+            "tracking.register_as=tiny",
+            "run.progress_bar=true",
+            "run.eval_every_epochs=0.5",
+            *overrides,
+        ],
+    )
     assert run_finetune(args) == 0
     out = capfd.readouterr()
     steps = [s for s in per_step if s]

@@ -20,8 +20,13 @@ from dpmix_dist.testing.datagen import make_fashion_mnist_idx, make_synthetic_fo
 
 
 def _prepare(raw: Path, out: Path, *extra: str) -> Path:
-    subprocess.run([sys.executable, "launch/prepare_data.py", "fashion_mnist", "--source", str(raw), "--out", str(out),
-                    *extra], cwd=REPO, check=True, capture_output=True, env=offline_env())  # fmt: skip
+    subprocess.run(
+        [sys.executable, "launch/prepare_data.py", "fashion_mnist", "--source", str(raw), "--out", str(out), *extra],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        env=offline_env(),
+    )
     return out
 
 
@@ -33,8 +38,9 @@ def folders(tmp_path_factory) -> dict[str, Path]:
         "priv": _prepare(raw, root / "priv", "--public-out", str(root / "pub"), "--public-count", "40"),
         "pub": root / "pub",
         "full": _prepare(raw, root / "full"),  # an unsplit copy of the whole training set: holds every private example
-        "priv2": _prepare(raw, root / "priv2", "--public-out", str(root / "pub2"), "--public-count", "40",
-                          "--split-seed", "1"),  # another split of the same source  # fmt: skip
+        "priv2": _prepare(
+            raw, root / "priv2", "--public-out", str(root / "pub2"), "--public-count", "40", "--split-seed", "1"
+        ),  # another split of the same source
         "pub2": root / "pub2",
         "root": root,
     }
@@ -63,19 +69,26 @@ def test_declared_external_pretrained_generator_is_accepted(folders):
     _check(folders, _synthetic(folders, "sd", external_pretrained=True))
 
 
-@pytest.mark.parametrize("case,match", [
-    ("undeclared", "does not say what its generator .* was trained on.*external_pretrained=true"),
-    ("unsplit_full_copy", "not recorded as the public part of a public/private split"),
-    ("private", "trained on the private data"),
-    ("other_split", "public part of another split.*split_seed"),
-    ("other_split_private_part", "trained on the private data"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("undeclared", "does not say what its generator .* was trained on.*external_pretrained=true"),
+        ("unsplit_full_copy", "not recorded as the public part of a public/private split"),
+        ("private", "trained on the private data"),
+        ("other_split", "public part of another split.*split_seed"),
+        ("other_split_private_part", "trained on the private data"),
+    ],
+)
 def test_anything_else_is_refused_with_the_way_out(folders, case, match):
     """Each refusal names what would make the pool acceptable. `unsplit_full_copy` is the case a blocklist missed:
     a generator trained on a full copy of the training set, which contains every private example."""
-    trained_on = {"undeclared": None, "unsplit_full_copy": _trained_on(folders["full"]),
-                  "private": _trained_on(folders["priv"]), "other_split": _trained_on(folders["pub2"]),
-                  "other_split_private_part": _trained_on(folders["priv2"])}[case]  # fmt: skip
+    trained_on = {
+        "undeclared": None,
+        "unsplit_full_copy": _trained_on(folders["full"]),
+        "private": _trained_on(folders["priv"]),
+        "other_split": _trained_on(folders["pub2"]),
+        "other_split_private_part": _trained_on(folders["priv2"]),
+    }[case]
     synthetic = _synthetic(folders, f"bad-{case}", trained_on=trained_on, external_pretrained=False)
     with pytest.raises(DataError, match=match) as info:
         _check(folders, synthetic)

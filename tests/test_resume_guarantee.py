@@ -19,9 +19,26 @@ from dpmix_dist.testing.datagen import make_fashion_mnist_idx
 
 def _prepare(root: Path, num_train: int) -> Path:
     raw = make_fashion_mnist_idx(root / f"idx{num_train}", num_train=num_train, num_test=40)
-    subprocess.run([sys.executable, "launch/prepare_data.py", "fashion_mnist", "--source", str(raw), "--out",
-                    str(root / "priv"), "--public-out", str(root / "pub"), "--public-count", "40", "--overwrite"],
-                   cwd=REPO, check=True, capture_output=True, env=offline_env())  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "launch/prepare_data.py",
+            "fashion_mnist",
+            "--source",
+            str(raw),
+            "--out",
+            str(root / "priv"),
+            "--public-out",
+            str(root / "pub"),
+            "--public-count",
+            "40",
+            "--overwrite",
+        ],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        env=offline_env(),
+    )
     return root / "priv"
 
 

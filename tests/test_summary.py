@@ -18,8 +18,12 @@ def _strict(text: str) -> dict:
 
 
 def test_non_private_summary_is_strict_json_and_reads_back_as_infinite(tmp_path):
-    record = {"epsilon": math.inf, "private": False, "test_accuracy": 0.5,
-              "history": [{"step": 1, "epsilon": math.inf, "test_accuracy": 0.4}]}  # fmt: skip
+    record = {
+        "epsilon": math.inf,
+        "private": False,
+        "test_accuracy": 0.5,
+        "history": [{"step": 1, "epsilon": math.inf, "test_accuracy": 0.4}],
+    }
     text = summary.dumps(record)
     parsed = _strict(text)
     assert parsed["epsilon"] is None and parsed["history"][0]["epsilon"] is None and parsed["private"] is False

@@ -23,8 +23,11 @@ from dpmix_dist.data.sources import RawDataset, RawSplit
 from dpmix_dist.synthetic.diffusion import ClassConditionalSampler
 from dpmix_dist.synthetic.generate import image_seed
 from dpmix_dist.testing.datagen import (
-    class_images, make_fashion_mnist_idx, make_tiny_class_conditional_generator, make_tiny_text2image_pipeline,
-)  # fmt: skip
+    class_images,
+    make_fashion_mnist_idx,
+    make_tiny_class_conditional_generator,
+    make_tiny_text2image_pipeline,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -33,12 +36,24 @@ def _env() -> dict[str, str]:
     return offline_env(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=None)
 
 
-def _run(args: list[str], num_processes: int = 1, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+def _run(
+    args: list[str], num_processes: int = 1, timeout: int = 300, check: bool = True
+) -> subprocess.CompletedProcess:
     if num_processes == 1:
         cmd = [sys.executable, *args]
     else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/cpu_2proc.yaml",
-               "--num_processes", str(num_processes), "--main_process_port", str(free_port()), *args]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            "configs/accelerate/cpu_2proc.yaml",
+            "--num_processes",
+            str(num_processes),
+            "--main_process_port",
+            str(free_port()),
+            *args,
+        ]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -50,8 +65,22 @@ def split_data(tmp_path_factory) -> tuple[Path, Path, Path]:
     root = tmp_path_factory.mktemp("split")
     raw = make_fashion_mnist_idx(root / "idx", num_train=300, num_test=60)
     private, public = root / "private", root / "public"
-    _run(["launch/prepare_data.py", "fashion_mnist", "--source", str(raw), "--out", str(private),
-          "--public-out", str(public), "--public-count", "120", "--split-seed", "3"])  # fmt: skip
+    _run(
+        [
+            "launch/prepare_data.py",
+            "fashion_mnist",
+            "--source",
+            str(raw),
+            "--out",
+            str(private),
+            "--public-out",
+            str(public),
+            "--public-count",
+            "120",
+            "--split-seed",
+            "3",
+        ]
+    )
     return private, public, root
 
 
@@ -63,11 +92,19 @@ def generator(split_data) -> Path:
 
 def _gen_config(path: Path, model: Path, classes_from: Path, out: Path, **sections) -> Path:
     cfg = {
-        "generator": {"kind": "class_conditional", "model": str(model), "num_inference_steps": 3, "guidance_scale": 2.0,
-                      "resolution": 28, "output_size": 28, "batch_size": 4, "num_threads": 1},
+        "generator": {
+            "kind": "class_conditional",
+            "model": str(model),
+            "num_inference_steps": 3,
+            "guidance_scale": 2.0,
+            "resolution": 28,
+            "output_size": 28,
+            "batch_size": 4,
+            "num_threads": 1,
+        },
         "classes": {"from_data": str(classes_from)},
         "output": {"dir": str(out), "images_per_class": 3, "images_per_shard": 7, "seed": 11},
-    }  # fmt: skip
+    }
     for section, values in sections.items():
         cfg.setdefault(section, {}).update(values)
     path.write_text(yaml.safe_dump(cfg))
@@ -80,8 +117,11 @@ def _decoded(folder: Path) -> dict[str, tuple[np.ndarray, int, dict]]:
     out = {}
     for name in meta["splits"]["train"]["shards"]:
         for sample in wds.WebDataset(str(folder / name), shardshuffle=False, empty_check=False):
-            out[sample["__key__"]] = (np.asarray(Image.open(io.BytesIO(sample["png"]))), int(sample["cls"]),
-                                      json.loads(sample["json"]))  # fmt: skip
+            out[sample["__key__"]] = (
+                np.asarray(Image.open(io.BytesIO(sample["png"]))),
+                int(sample["cls"]),
+                json.loads(sample["json"]),
+            )
     return out
 
 
@@ -116,8 +156,18 @@ def test_public_private_split_is_disjoint_complete_and_recorded(split_data):
 
 def test_finetune_refuses_the_public_part(split_data, tmp_path):
     _, public, _ = split_data
-    proc = _run(["launch/finetune.py", "--config", "tiny_test", "--output-dir", str(tmp_path / "run"),
-                 f"data.root={public}", f"data.cache_dir={tmp_path / 'cache'}"], check=False)  # fmt: skip
+    proc = _run(
+        [
+            "launch/finetune.py",
+            "--config",
+            "tiny_test",
+            "--output-dir",
+            str(tmp_path / "run"),
+            f"data.root={public}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+        ],
+        check=False,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "public part" in proc.stderr and str(public).replace("public", "private") in proc.stderr
     assert not (tmp_path / "run").exists()
@@ -129,9 +179,19 @@ def test_finetune_refuses_the_public_part(split_data, tmp_path):
 def test_train_diffusion_saves_a_loadable_generator_and_resumes(split_data, tmp_path):
     _, public, _ = split_data
     out = tmp_path / "gen"
-    args = ["launch/train_diffusion.py", "--config", "fmnist_ddpm", "--no-progress", f"data.root={public}",
-            f"data.cache_dir={tmp_path / 'cache'}", f"output_dir={out}", "unet.block_out_channels=[8,16]",
-            "unet.norm_num_groups=4", "train.batch_size=8", "train.num_train_timesteps=50"]  # fmt: skip
+    args = [
+        "launch/train_diffusion.py",
+        "--config",
+        "fmnist_ddpm",
+        "--no-progress",
+        f"data.root={public}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"output_dir={out}",
+        "unet.block_out_channels=[8,16]",
+        "unet.norm_num_groups=4",
+        "train.batch_size=8",
+        "train.num_train_timesteps=50",
+    ]
     proc = _run([*args, "train.steps=3"])
     summary = json.loads(proc.stdout.strip().splitlines()[-2])
     assert summary["steps"] == 3
@@ -149,8 +209,17 @@ def test_train_diffusion_saves_a_loadable_generator_and_resumes(split_data, tmp_
 
 def test_train_diffusion_refuses_private_data(split_data, tmp_path):
     private, _, _ = split_data
-    proc = _run(["launch/train_diffusion.py", "--config", "fmnist_ddpm", f"data.root={private}",
-                 f"output_dir={tmp_path / 'gen'}", "train.steps=1"], check=False)  # fmt: skip
+    proc = _run(
+        [
+            "launch/train_diffusion.py",
+            "--config",
+            "fmnist_ddpm",
+            f"data.root={private}",
+            f"output_dir={tmp_path / 'gen'}",
+            "train.steps=1",
+        ],
+        check=False,
+    )
     assert proc.returncode == 2
     assert "PRIVATE part" in proc.stderr and "never see private" in proc.stderr
     assert not (tmp_path / "gen").exists()
@@ -182,7 +251,7 @@ def test_counts_seeds_and_readable_shards(reference, split_data, generator):
     assert np.bincount(split.labels, minlength=10).tolist() == [3] * 10
     samples = _decoded(reference)
     assert len(samples) == 30
-    for key, (image, label, record) in samples.items():
+    for key, (_image, label, record) in samples.items():
         assert int(key) == label * 3 + record["index_in_class"] and record["class_id"] == label
         assert record["seed"] == image_seed(11, label, record["index_in_class"])
     # any image can be regenerated from its seed alone (DDIM η = 0), outside any batch
@@ -237,12 +306,21 @@ def test_killed_run_resumes_without_losing_or_mixing_shards(reference, split_dat
 def test_text_to_image_pipeline_with_templates(tmp_path):
     pipe = make_tiny_text2image_pipeline(tmp_path / "pipe")
     cfg = {
-        "generator": {"kind": "text2image", "model": str(pipe), "num_inference_steps": 2, "guidance_scale": 3.0,
-                      "resolution": 32, "output_size": 16, "batch_size": 3, "precision": "fp32", "scheduler": "dpm",
-                      "prompt_templates": ["a photo of a {class_name}", "a drawing of a {class_name}"]},
+        "generator": {
+            "kind": "text2image",
+            "model": str(pipe),
+            "num_inference_steps": 2,
+            "guidance_scale": 3.0,
+            "resolution": 32,
+            "output_size": 16,
+            "batch_size": 3,
+            "precision": "fp32",
+            "scheduler": "dpm",
+            "prompt_templates": ["a photo of a {class_name}", "a drawing of a {class_name}"],
+        },
         "classes": {"names": ["cat", "dog", "ship"]},
         "output": {"dir": str(tmp_path / "out"), "images_per_class": 4, "images_per_shard": 5, "seed": 1},
-    }  # fmt: skip
+    }
     (tmp_path / "gen.yaml").write_text(yaml.safe_dump(cfg))
     _run(["launch/generate.py", "--config", str(tmp_path / "gen.yaml"), "--no-progress"])
     meta = read_metadata(tmp_path / "out")
@@ -267,7 +345,10 @@ def test_text_to_image_pipeline_with_templates(tmp_path):
         (["generator.kind=text2image", "generator.model=/nonexistent/pipe"], "folder /nonexistent/pipe does not exist"),
         (["classes.from_data=", "classes.names=[]"], "classes"),
         (["generator.kind=text2image", "generator.prompt_templates=['a photo of a {cls}']"], "{class_name}"),
-        (["generator.kind=text2image", "generator.prompt_templates=['a photo of a {class_name']"], "not a valid template"),
+        (
+            ["generator.kind=text2image", "generator.prompt_templates=['a photo of a {class_name']"],
+            "not a valid template",
+        ),
         (["generator.kind=text2image", "generator.prompt_templates=[]"], "at least one template"),
         (["generator.resolution=32"], "renders 28 px"),
     ],
@@ -284,8 +365,9 @@ def test_clear_errors_before_any_work(overrides, message, split_data, generator,
 
 def test_wrong_class_list_for_a_class_conditional_generator(split_data, generator, tmp_path):
     _, public, _ = split_data
-    cfg = _gen_config(tmp_path / "gen.yaml", generator, public, tmp_path / "out",
-                      classes={"from_data": "", "names": ["a", "b"]})  # fmt: skip
+    cfg = _gen_config(
+        tmp_path / "gen.yaml", generator, public, tmp_path / "out", classes={"from_data": "", "names": ["a", "b"]}
+    )
     proc = _run(["launch/generate.py", "--config", str(cfg)], check=False)
     assert proc.returncode == 2 and "was trained on classes" in proc.stderr
 
@@ -298,13 +380,22 @@ def test_check_tells_labelled_images_from_noise(reference, split_data, tmp_path)
     does not recognise the random generator's noise: the check can fail."""
     _, public, _ = split_data
     labels = np.repeat(np.arange(10), 8)
-    good = RawDataset("labelled", tuple(read_metadata(public)["classes"]),
-                      {"train": RawSplit(class_images(labels, 28, 1, seed=99), labels)}, "test")  # fmt: skip
+    good = RawDataset(
+        "labelled",
+        tuple(read_metadata(public)["classes"]),
+        {"train": RawSplit(class_images(labels, 28, 1, seed=99), labels)},
+        "test",
+    )
     write_dataset(good, tmp_path / "good", extra={"synthetic": {"generator": "class-pattern images"}})
     results = {}
     for name, folder in (("good", tmp_path / "good"), ("noise", reference)):
-        cfg = _gen_config(tmp_path / f"{name}.yaml", Path("unused"), public, folder,
-                          check={"real_data": str(public), "epochs": 20, "batch_size": 16, "hflip": name == "good"})  # fmt: skip
+        cfg = _gen_config(
+            tmp_path / f"{name}.yaml",
+            Path("unused"),
+            public,
+            folder,
+            check={"real_data": str(public), "epochs": 20, "batch_size": 16, "hflip": name == "good"},
+        )
         proc = _run(["launch/generate.py", "--config", str(cfg), "--check", "--cache-dir", str(tmp_path / "cache")])
         results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
         assert "per_class_synthetic_accuracy" in json.loads((folder / "check.json").read_text())

@@ -32,16 +32,44 @@ def _env() -> dict[str, str]:
 def data(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("trk")
     raw = make_fashion_mnist_idx(root / "idx", num_train=240, num_test=60)
-    subprocess.run([sys.executable, "launch/prepare_data.py", "fashion_mnist", "--source", str(raw), "--out",
-                    str(root / "priv"), "--public-out", str(root / "pub"), "--public-count", "40"],
-                   cwd=REPO, check=True, capture_output=True, env=offline_env())  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "launch/prepare_data.py",
+            "fashion_mnist",
+            "--source",
+            str(raw),
+            "--out",
+            str(root / "priv"),
+            "--public-out",
+            str(root / "pub"),
+            "--public-count",
+            "40",
+        ],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        env=offline_env(),
+    )
     return root / "priv", root / "pub"
 
 
 def _finetune(cwd: Path, priv: Path, out: Path, *overrides: str, timeout: int = 600, popen: bool = False):
-    cmd = [sys.executable, str(REPO / "launch/finetune.py"), "--config", "tiny_test", "--seed", SEED,
-           "--output-dir", str(out), f"data.root={priv}", f"data.cache_dir={cwd / 'cache'}", "tracking.enabled=true",
-           "tracking.register_as=tiny-fmnist", *overrides]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(REPO / "launch/finetune.py"),
+        "--config",
+        "tiny_test",
+        "--seed",
+        SEED,
+        "--output-dir",
+        str(out),
+        f"data.root={priv}",
+        f"data.cache_dir={cwd / 'cache'}",
+        "tracking.enabled=true",
+        "tracking.register_as=tiny-fmnist",
+        *overrides,
+    ]
     if popen:
         return subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
@@ -56,11 +84,28 @@ class Server:
 
     def start(self) -> Server:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
-             "--artifacts-destination", str(self.root / "server-artifacts"), "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", "1"],
-            cwd=self.root, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{self.root / 'server.db'}",
+                "--artifacts-destination",
+                str(self.root / "server-artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+            ],
+            cwd=self.root,
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         deadline = time.time() + 90
         while time.time() < deadline:
             try:
@@ -172,8 +217,15 @@ def test_registered_model_carries_the_guarantee_and_reproduces_the_logits(sqlite
     mlflow.set_registry_uri(uri)
     loaded = mlflow.pytorch.load_model("models:/tiny-fmnist/1").eval()
     cfg = load_config("tiny_test")
-    saved = build_dp_model(cfg.model.name, "none", 10, norm=cfg.model.norm, trainable=cfg.model.trainable,
-                           num_trainable_blocks=cfg.model.num_trainable_blocks, image_size=32).model  # fmt: skip
+    saved = build_dp_model(
+        cfg.model.name,
+        "none",
+        10,
+        norm=cfg.model.norm,
+        trainable=cfg.model.trainable,
+        num_trainable_blocks=cfg.model.num_trainable_blocks,
+        image_size=32,
+    ).model
     saved.load_state_dict(load_file(cwd / "run" / "model.safetensors"))
     saved.eval()
     x = torch.randn(6, 3, 32, 32)
@@ -195,8 +247,14 @@ def test_no_seed_anywhere_in_the_tracker(sqlite_run):
     cwd, proc = sqlite_run
     client = _client(f"sqlite:///{cwd / 'mlflow.db'}")
     run = _the_run(client)
-    everything = [run.info.run_name, *run.data.params.keys(), *run.data.params.values(), *run.data.tags.keys(),
-                  *run.data.tags.values(), *map(str, run.data.metrics.values())]  # fmt: skip
+    everything = [
+        run.info.run_name,
+        *run.data.params.keys(),
+        *run.data.params.values(),
+        *run.data.tags.keys(),
+        *run.data.tags.values(),
+        *map(str, run.data.metrics.values()),
+    ]
     for key in run.data.metrics:
         everything += [str(m.value) for m in client.get_metric_history(run.info.run_id, key)]
     for mv in client.search_model_versions("name='tiny-fmnist'"):
@@ -211,8 +269,10 @@ def test_no_seed_anywhere_in_the_tracker(sqlite_run):
 
 def test_bad_tracking_uri_fails_before_any_work(data, tmp_path):
     priv, _ = data
-    for uri, message in (("htp://127.0.0.1:5000", "no supported scheme"),
-                         (f"sqlite:///{tmp_path}/missing/x.db", "does not exist")):  # fmt: skip
+    for uri, message in (
+        ("htp://127.0.0.1:5000", "no supported scheme"),
+        (f"sqlite:///{tmp_path}/missing/x.db", "does not exist"),
+    ):
         proc = _finetune(tmp_path, priv, tmp_path / "run", f"tracking.uri={uri}")
         assert proc.returncode == 2
         lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -240,8 +300,16 @@ def test_server_stopped_mid_run_and_restarted_loses_no_metric(data, tmp_path):
     server = Server(tmp_path, free_port()).start()
     try:
         out = tmp_path / "run"
-        proc = _finetune(tmp_path, priv, out, f"tracking.uri={server.uri}", "privacy.epochs=16",
-                         "run.eval_every_epochs=0.5", "tracking.flush_timeout_s=120", popen=True)  # fmt: skip
+        proc = _finetune(
+            tmp_path,
+            priv,
+            out,
+            f"tracking.uri={server.uri}",
+            "privacy.epochs=16",
+            "run.eval_every_epochs=0.5",
+            "tracking.flush_timeout_s=120",
+            popen=True,
+        )
         journal = out / "metrics.jsonl"
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
@@ -276,11 +344,24 @@ def test_server_stopped_mid_run_and_restarted_loses_no_metric(data, tmp_path):
 def test_sweep_nested_runs_interrupted_and_restarted(data, tmp_path):
     priv, _ = data
     out = tmp_path / "sweep"
-    cmd = [sys.executable, str(REPO / "launch/sweep.py"), "--config", "tiny_test", "--epsilons", "2,8", "--seeds", "0,1",
-           "--output-dir", str(out), f"data.root={priv}", f"data.cache_dir={tmp_path / 'cache'}",
-           "tracking.enabled=true"]  # fmt: skip
-    first = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(REPO / "launch/sweep.py"),
+        "--config",
+        "tiny_test",
+        "--epsilons",
+        "2,8",
+        "--seeds",
+        "0,1",
+        "--output-dir",
+        str(out),
+        f"data.root={priv}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "tracking.enabled=true",
+    ]
+    first = subprocess.Popen(
+        cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     deadline = time.time() + 300
     while time.time() < deadline and first.poll() is None and not (out / "dpsgd-eps2-rep0" / "summary.json").is_file():
         time.sleep(0.1)
@@ -300,8 +381,12 @@ def test_sweep_nested_runs_interrupted_and_restarted(data, tmp_path):
     (parent,) = [r for r in runs if r.info.run_name == "sweep-tiny_test"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     finished = [r for r in children if r.info.status == "FINISHED"]
-    assert sorted(r.info.run_name for r in finished) == ["dpsgd-eps2-rep0", "dpsgd-eps2-rep1", "dpsgd-eps8-rep0",
-                                                         "dpsgd-eps8-rep1"]  # fmt: skip
+    assert sorted(r.info.run_name for r in finished) == [
+        "dpsgd-eps2-rep0",
+        "dpsgd-eps2-rep1",
+        "dpsgd-eps8-rep0",
+        "dpsgd-eps8-rep1",
+    ]
     assert parent.info.status == "FINISHED"
     names = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.csv", "results.md", "accuracy_vs_epsilon.png"} <= names
@@ -309,7 +394,9 @@ def test_sweep_nested_runs_interrupted_and_restarted(data, tmp_path):
     assert len(rows) == 4 and {r["target_epsilon"] for r in rows} == {"2.0", "8.0"}
     for r in rows:
         assert float(r["epsilon_spent"]) <= float(r["target_epsilon"])
-        summary = json.loads((out / f"dpsgd-eps{float(r['target_epsilon']):g}-rep{r['replicate']}" / "summary.json").read_text())
+        summary = json.loads(
+            (out / f"dpsgd-eps{float(r['target_epsilon']):g}-rep{r['replicate']}" / "summary.json").read_text()
+        )
         assert float(r["test_accuracy"]) == pytest.approx(summary["test_accuracy"])
     table = (out / "results.md").read_text()
     assert "| dpsgd |" in table and "(n=2)" in table and "ε = 2" in table and "ε = 8" in table

@@ -19,8 +19,22 @@ from dpmix_dist.testing.datagen import make_fashion_mnist_idx
 
 
 def _prepare(raw: Path, root: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "launch/prepare_data.py", "fashion_mnist", "--source", str(raw), "--out", str(root / "private"),
-           "--public-out", str(root / "public"), "--public-count", "100", "--split-seed", "5", *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "launch/prepare_data.py",
+        "fashion_mnist",
+        "--source",
+        str(raw),
+        "--out",
+        str(root / "private"),
+        "--public-out",
+        str(root / "public"),
+        "--public-count",
+        "100",
+        "--split-seed",
+        "5",
+        *extra,
+    ]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=offline_env())
 
 
@@ -71,19 +85,31 @@ def test_subset_is_private_recorded_and_data_independent(prepared, tmp_path):
     np.testing.assert_array_equal(np.asarray(train.images), source.images[subset])
     # other pixels and labels, same sizes and seed: the very same indices (nothing depends on the data)
     other_raw = make_fashion_mnist_idx(tmp_path / "idx", num_train=300, num_test=40, seed=99)
-    proc = _prepare(other_raw, tmp_path, "--validation-count", "30", "--subset-out", str(tmp_path / "subset"),
-                    "--subset-count", "50")  # fmt: skip
+    proc = _prepare(
+        other_raw,
+        tmp_path,
+        "--validation-count",
+        "30",
+        "--subset-out",
+        str(tmp_path / "subset"),
+        "--subset-count",
+        "50",
+    )
     assert proc.returncode == 0, proc.stderr
     np.testing.assert_array_equal(np.load(tmp_path / "subset" / "source_indices.npy"), subset)
-    np.testing.assert_array_equal(np.load(tmp_path / "public" / "validation_indices.npy"),
-                                  np.load(root / "public" / "validation_indices.npy"))  # fmt: skip
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "public" / "validation_indices.npy"), np.load(root / "public" / "validation_indices.npy")
+    )
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--subset-out", "S", "--subset-count", "500"], "--subset-count must be between 1 and 200"),
-    (["--validation-count", "100"], "--validation-count must be between 1 and 99"),
-    (["--subset-out", "S"], "--subset-out DIR and --subset-count N go together"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--subset-out", "S", "--subset-count", "500"], "--subset-count must be between 1 and 200"),
+        (["--validation-count", "100"], "--validation-count must be between 1 and 99"),
+        (["--subset-out", "S"], "--subset-out DIR and --subset-count N go together"),
+    ],
+)
 def test_bad_counts_fail_before_anything_is_written(prepared, tmp_path, extra, message):
     _, raw = prepared
     extra = [str(tmp_path / "subset") if a == "S" else a for a in extra]
@@ -94,9 +120,20 @@ def test_bad_counts_fail_before_anything_is_written(prepared, tmp_path, extra, m
 
 def test_runs_evaluate_on_validation_without_touching_the_test_split(prepared, tmp_path):
     root, _ = prepared
-    args = [sys.executable, "launch/finetune.py", "--config", "tiny_test", "--output-dir", str(tmp_path / "run"),
-            f"data.root={root / 'subset'}", f"data.cache_dir={tmp_path / 'cache'}", "data.eval_split=validation",
-            "privacy.expected_batch_size=10", "privacy.epochs=1", "tracking.enabled=false"]  # fmt: skip
+    args = [
+        sys.executable,
+        "launch/finetune.py",
+        "--config",
+        "tiny_test",
+        "--output-dir",
+        str(tmp_path / "run"),
+        f"data.root={root / 'subset'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.eval_split=validation",
+        "privacy.expected_batch_size=10",
+        "privacy.epochs=1",
+        "tracking.enabled=false",
+    ]
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600, env=offline_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -108,9 +145,24 @@ def test_runs_evaluate_on_validation_without_touching_the_test_split(prepared, t
 def test_eval_split_validation_without_one_says_how_to_make_it(prepared, tmp_path):
     _, raw = prepared
     assert _prepare(raw, tmp_path).returncode == 0  # no --validation-count
-    proc = subprocess.run([sys.executable, "launch/finetune.py", "--config", "tiny_test", "--output-dir",
-                           str(tmp_path / "run"), f"data.root={tmp_path / 'private'}", "data.eval_split=validation",
-                           f"data.cache_dir={tmp_path / 'cache'}", "tracking.enabled=false"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300, env=offline_env())  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "launch/finetune.py",
+            "--config",
+            "tiny_test",
+            "--output-dir",
+            str(tmp_path / "run"),
+            f"data.root={tmp_path / 'private'}",
+            "data.eval_split=validation",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "tracking.enabled=false",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=offline_env(),
+    )
     assert proc.returncode == 2 and "has no validation split" in proc.stderr and "--validation-count" in proc.stderr
     assert not (tmp_path / "run" / "summary.json").exists()

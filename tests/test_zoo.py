@@ -16,9 +16,14 @@ from dpmix_dist.testing.zoo import FAMILIES, KNOWN_BAD_FALLBACK, LAYERWISE, Func
 
 @pytest.mark.parametrize(
     "name",
-    [name if name not in KNOWN_BAD_FALLBACK else
-     pytest.param(name, marks=pytest.mark.xfail(raises=FunctorchMismatch, strict=True, reason=KNOWN_BAD_FALLBACK[name]))
-     for name in FAMILIES],
+    [
+        name
+        if name not in KNOWN_BAD_FALLBACK
+        else pytest.param(
+            name, marks=pytest.mark.xfail(raises=FunctorchMismatch, strict=True, reason=KNOWN_BAD_FALLBACK[name])
+        )
+        for name in FAMILIES
+    ],
 )
 def test_zoo_family_is_exact_or_falls_back(name):
     # "last" first: where the fallback is known to be wrong with all parameters trainable, "last" is still checked

@@ -72,7 +72,9 @@ def make_cifar_tarball(path: Path, num_classes: int, num_train: int = 100, num_t
     return path
 
 
-def make_image_folder(root: Path, classes: tuple[str, ...] = ("cat", "dog", "fox"), per_class: int = 4, size: int = 20) -> Path:
+def make_image_folder(
+    root: Path, classes: tuple[str, ...] = ("cat", "dog", "fox"), per_class: int = 4, size: int = 20
+) -> Path:
     from PIL import Image
 
     for split in ("train", "test"):
@@ -88,21 +90,26 @@ def make_tiny_class_conditional_generator(folder: Path, public_root: Path) -> Pa
     """A random-weight class-conditional generator in train_diffusion.py's layout (unet/, scheduler/, info)."""
     import json
 
+    import torch
     from diffusers import DDPMScheduler
 
     from dpmix_dist.data.shards import read_metadata
     from dpmix_dist.synthetic.config import UNetConfig
     from dpmix_dist.synthetic.diffusion import GENERATOR_INFO, build_unet
 
-    import torch
-
     meta = read_metadata(public_root)
     torch.manual_seed(0)
     unet = build_unet(UNetConfig(block_out_channels=(8, 16), norm_num_groups=4), 28, 1, meta["num_classes"])
     unet.save_pretrained(folder / "unet")
     DDPMScheduler(num_train_timesteps=100).save_pretrained(folder / "scheduler")
-    info = {"kind": "class_conditional", "classes": meta["classes"], "num_classes": meta["num_classes"],
-            "null_class": meta["num_classes"], "image_shape": [28, 28, 1], "trained_on": {"root": str(public_root)}}
+    info = {
+        "kind": "class_conditional",
+        "classes": meta["classes"],
+        "num_classes": meta["num_classes"],
+        "null_class": meta["num_classes"],
+        "image_shape": [28, 28, 1],
+        "trained_on": {"root": str(public_root)},
+    }
     (folder / GENERATOR_INFO).write_text(json.dumps(info))
     return folder
 
@@ -116,15 +123,28 @@ def make_tiny_text2image_pipeline(folder: Path) -> Path:
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8,
-    )  # fmt: skip
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8,
         sample_size=32,
-    )  # fmt: skip
+    )
     # A byte-level BPE vocabulary over lowercase letters: every prompt tokenises, no download needed.
     # (transformers 5 ignores vocab_file=/merges_file= here; vocab=/merges= objects work.)
     letters = "abcdefghijklmnopqrstuvwxyz"
@@ -132,20 +152,51 @@ def make_tiny_text2image_pipeline(folder: Path) -> Path:
     for ch in letters:
         vocab[ch] = len(vocab)
         vocab[ch + "</w>"] = len(vocab)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], unk_token="<|endoftext|>", bos_token="<|startoftext|>",
-                              eos_token="<|endoftext|>", pad_token="<|endoftext|>", model_max_length=16)  # fmt: skip
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32,
-                                                num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
-                                                projection_dim=16))  # fmt: skip
+    tokenizer = CLIPTokenizer(
+        vocab=vocab,
+        merges=[],
+        unk_token="<|endoftext|>",
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        model_max_length=16,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            projection_dim=16,
+        )
+    )
     scheduler = DDIMScheduler(num_train_timesteps=100, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)  # fmt: skip
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(folder)
     return folder
 
 
-def make_synthetic_folder(root: Path, classes: list[str], per_class: int = 20, size: int = 28, channels: int = 1,
-                          seed: int = 7, trained_on: dict | None = None, external_pretrained: bool | None = None) -> Path:
+def make_synthetic_folder(
+    root: Path,
+    classes: list[str],
+    per_class: int = 20,
+    size: int = 28,
+    channels: int = 1,
+    seed: int = 7,
+    trained_on: dict | None = None,
+    external_pretrained: bool | None = None,
+) -> Path:
     """A synthetic-image folder in the format launch/generate.py writes (shards + metadata with a 'synthetic'
     record), filled with class-pattern images: stands in for a diffusion generator's output in trainer tests.
     Its generator is declared an external pretrained model unless `trained_on` records its training data."""
@@ -154,11 +205,19 @@ def make_synthetic_folder(root: Path, classes: list[str], per_class: int = 20, s
 
     labels = np.repeat(np.arange(len(classes)), per_class)
     images = class_images(labels, size, channels, seed)
-    record = {"generator": "dpmix_dist.testing.datagen", "kind": "class_conditional", "base_seed": seed,
-              "per_class_counts": {c: per_class for c in classes},
-              "generator_info": {"trained_on": trained_on} if trained_on else None,
-              "external_pretrained": not trained_on if external_pretrained is None else external_pretrained,
-              "public": "images of a generator that never saw the private data"}
-    dataset = RawDataset(f"synthetic:{root.name}", tuple(classes), {"train": RawSplit(images, labels.astype(np.int64))},
-                         "dpmix_dist.testing.datagen")
+    record = {
+        "generator": "dpmix_dist.testing.datagen",
+        "kind": "class_conditional",
+        "base_seed": seed,
+        "per_class_counts": {c: per_class for c in classes},
+        "generator_info": {"trained_on": trained_on} if trained_on else None,
+        "external_pretrained": not trained_on if external_pretrained is None else external_pretrained,
+        "public": "images of a generator that never saw the private data",
+    }
+    dataset = RawDataset(
+        f"synthetic:{root.name}",
+        tuple(classes),
+        {"train": RawSplit(images, labels.astype(np.int64))},
+        "dpmix_dist.testing.datagen",
+    )
     return write_dataset(dataset, root, extra={"synthetic": record})

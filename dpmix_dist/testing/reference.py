@@ -42,8 +42,9 @@ def naive_group_grads(
         (name -> (B, *param.shape) per-group gradients, in `params`' order; (B,) flat L2 norm of each group's
         gradient over all parameters).
     """
-    per_group = [torch.autograd.grad(naive_group_loss(forward(x), y), list(params.values()))
-                 for x, y in zip(inputs, targets)]  # fmt: skip
+    per_group = [
+        torch.autograd.grad(naive_group_loss(forward(x), y), list(params.values())) for x, y in zip(inputs, targets)
+    ]
     grads = {name: torch.stack([g[i] for g in per_group]) for i, name in enumerate(params)}
     norms = torch.stack([torch.sqrt(sum(t.pow(2).sum() for t in g)) for g in per_group])
     return grads, norms

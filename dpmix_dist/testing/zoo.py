@@ -32,8 +32,15 @@ def resnetv2_bit(**kwargs):
     from timm.layers import GroupNormAct, StdConv2d
     from timm.models.resnetv2 import ResNetV2
 
-    return ResNetV2(layers=(1, 1, 1, 1), channels=(16, 32, 64, 128), stem_chs=16, stem_type="fixed",
-                    conv_layer=partial(StdConv2d, eps=1e-8), norm_layer=partial(GroupNormAct, num_groups=8), **kwargs)
+    return ResNetV2(
+        layers=(1, 1, 1, 1),
+        channels=(16, 32, 64, 128),
+        stem_chs=16,
+        stem_type="fixed",
+        conv_layer=partial(StdConv2d, eps=1e-8),
+        norm_layer=partial(GroupNormAct, num_groups=8),
+        **kwargs,
+    )
 
 
 resnetv2_bit.model = "ResNetV2 (BiT: StdConv2d, GroupNormAct)"
@@ -47,9 +54,18 @@ def _poolformer(**kwargs) -> nn.Module:  # poolformer_s12's settings (GroupNorm1
     from timm.layers import GroupNorm1
     from timm.models.metaformer import MetaFormer
 
-    return MetaFormer(depths=(1, 1, 1, 1), dims=(16, 16, 32, 32), downsample_norm=None, mlp_act=nn.GELU, mlp_bias=True,
-                      norm_layers=GroupNorm1, layer_scale_init_values=0.5, res_scale_init_values=None,
-                      use_mlp_head=False, **kwargs)
+    return MetaFormer(
+        depths=(1, 1, 1, 1),
+        dims=(16, 16, 32, 32),
+        downsample_norm=None,
+        mlp_act=nn.GELU,
+        mlp_bias=True,
+        norm_layers=GroupNorm1,
+        layer_scale_init_values=0.5,
+        res_scale_init_values=None,
+        use_mlp_head=False,
+        **kwargs,
+    )
 
 
 _poolformer.model = "MetaFormer (poolformer_s12 settings)"
