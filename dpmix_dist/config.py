@@ -162,7 +162,9 @@ class AugmentConfig:
         if method == "dpsgd" and k != 1:
             _fail("augment.num_views", "dpsgd uses one view per example; set augment.num_views=1 (or method=self_aug)")
         if method == "dpmix_self" and k < 2:
-            _fail("augment.num_views", f"dpmix_self mixes two views of one example; set it >= 2, got {k}")
+            _fail(
+                "augment.num_views", f"dpmix_self mixes two views of one example; set augment.num_views >= 2, got {k}"
+            )
         if method in ("dpsgd", "self_aug") and m:
             _fail("augment.num_mixes", f"{method} makes no mixes; set augment.num_mixes=0 (or method=dpmix_self)")
         if method in ("dpmix_self", "dpmix_diff") and not m:
