@@ -82,6 +82,24 @@ def test_resume_with_another_precision_is_refused_the_engine_may_change(checkpoi
     assert trainer.step == 2
 
 
+def test_resume_of_a_checkpoint_from_the_old_noise_stream_is_refused(checkpointed, tmp_path):
+    """A checkpoint written before the noise was drawn in chunks of (seed, step, chunk) has no noise-stream record:
+    resuming it would mix two noise streams, so it is refused with a message that says so."""
+    import torch
+
+    root, out = checkpointed
+    raw = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert raw["guarantee"]["noise_stream"] == 2
+    del raw["guarantee"]["noise_stream"]  # what the previous version wrote
+    old = tmp_path / "old"
+    old.mkdir()
+    torch.save(raw, old / "checkpoint.pt")
+    trainer = _trainer(root, old)
+    with pytest.raises(ValueError, match=r"draws the noise differently \(noise stream 1, this version 2\)"):
+        trainer.resume()
+    assert trainer.step == 0
+
+
 def test_resume_on_a_rewritten_data_folder_is_refused(checkpointed):
     root, out = checkpointed
     _prepare(root, 240)  # same path, same config, 200 private examples now
