@@ -3,7 +3,9 @@
 `checkpoint.pt` holds the secret seed, so it is a private artifact like the model: mode 0600, written atomically,
 deleted when the run finishes. It also records the guarantee its steps were taken under; a resume whose plan
 differs (another N, σ, q, C, δ, accountant, precision) is refused, since the steps already taken could not be
-accounted together with the new ones.
+accounted together with the new ones. It records the noise stream too: a checkpoint of a version that drew the noise
+differently is refused (its steps and the resumed ones would come from two streams, whose independence nothing
+guarantees).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dpmix_dist import summary as summary_json
 from dpmix_dist.config import Config, config_to_dict
 from dpmix_dist.data.shards import shards_digest
 from dpmix_dist.privacy.guarantee import Guarantee
+from dpmix_dist.privacy.noise import NOISE_STREAM_VERSION
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -52,8 +55,9 @@ def mechanism_sections(config: Config) -> dict:
 def resume_record(g: Guarantee, num_train: int, train_shards: dict[str, str], precision: str) -> dict:
     """What a resumed run must share with the steps already taken: the guarantee and the data it was planned on,
     and the numerics (bf16 vs fp32 changes the model beyond rounding; the two engines agree to rounding, so
-    `performance.engine` may change)."""
+    `performance.engine` may change), and the version of the noise stream (`privacy/noise.py`)."""
     return {
+        "noise_stream": NOISE_STREAM_VERSION,
         "num_train_examples": num_train,
         "train_shards_sha256": shards_digest(train_shards),
         "sample_rate": g.sample_rate,
@@ -99,6 +103,12 @@ def load_for_resume(output_dir: Path, settings: dict, guarantee: dict, secret_se
         raise ValueError(
             f"--resume: {path} carries no guarantee record (written by an older version); start the "
             "run again in a new --output-dir"
+        )
+    if recorded.get("noise_stream") != guarantee.get("noise_stream"):
+        raise ValueError(
+            f"--resume: {path} was written by a version that draws the noise differently (noise stream "
+            f"{recorded.get('noise_stream', 1)}, this version {guarantee.get('noise_stream')}); resuming would mix two "
+            "noise streams. Finish it with the version that wrote it, or start again in a new --output-dir"
         )
     if recorded != guarantee:
         changed = ", ".join(f"{k} {recorded.get(k)!r} -> {v!r}" for k, v in guarantee.items() if recorded.get(k) != v)

@@ -231,6 +231,13 @@ class PerformanceConfig:
     channels_last: bool = False
     """Keep the model and its inputs in channels-last memory layout (EfficientNet-Lite0 at 32 px runs ~4x
     faster on these CPUs; results change only by float rounding)."""
+    zero_stage: Literal[0, 1, 2] | None = None
+    """ZeRO data parallelism (README: ZeRO). 0: replicated, every rank holds the whole noised gradient and optimizer
+    state. 1: each rank owns 1/W of the flat trainable-parameter vector, adds the noise of exactly those coordinates
+    and keeps optimizer state for them only; parameters are all-gathered after the update. 2: as 1, and the clipped
+    sums are reduce-scattered (each rank receives only its shard of the sum) instead of all-reduced. None: the stage
+    of the accelerate DeepSpeed config the run was launched with (configs/accelerate/deepspeed_zero2.yaml), else 0.
+    The model equals stage 0's to float rounding; the guarantee is the same."""
 
     def __post_init__(self) -> None:
         check_bounds("performance", self, micro_batch_size=">= 1", eval_batch_size=">= 1", num_threads=">= 0")

@@ -4,6 +4,17 @@
 NCCL on GPUs). The training code asks this module simple questions (`all_reduce_sum`, `any_rank`) and never
 branches on ranks itself: what only the main process does (files, the tracker, messages, progress bars) goes
 through `on_main`, `print` and `progress`.
+
+ZeRO (stages 1 and 2) is implemented here and in `zero.py` with torch.distributed collectives, not by
+`deepspeed.initialize`: DeepSpeed reduces `param.grad` itself (averaging, in backward hooks, into padded
+partitions of its own flat layout), while the mechanism must reduce clipped sums with SUM and add the noise of
+exactly the coordinates each rank owns, in its own flat order; doing that inside DeepSpeed means patching its
+optimizer's internals. An accelerate DeepSpeed config (`configs/accelerate/deepspeed_zero{1,2}.yaml`) still
+selects the stage: `accelerate launch` exports ACCELERATE_DEEPSPEED_ZERO_STAGE, read by `launcher_zero_stage`.
+Why accelerate's DeepSpeed plugin sees world size 1 on CPU: `PartialState(cpu=False)` takes its DeepSpeed
+branch, but finds a backend only on an accelerator, so with no GPU `backend` stays None and it sets
+num_processes = 1 on every rank. We pass cpu=True without a GPU: accelerate then forms the gloo group (MULTI_CPU)
+and ignores the DeepSpeed plugin, which we do not use.
 """
 
 from __future__ import annotations
@@ -62,6 +73,27 @@ class Distributed:
         """In-place SUM over all ranks."""
         if self.active:
             torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+
+    def reduce_scatter_sum(self, rows: torch.Tensor) -> torch.Tensor:
+        """Row `rank` of the SUM over ranks of `rows` ((world size, L), the same shape on every rank)."""
+        if rows.dim() != 2 or rows.shape[0] != self.world_size:
+            raise ValueError(f"reduce-scatter needs ({self.world_size}, L) rows, got {tuple(rows.shape)}")
+        out = torch.empty(rows.shape[1], dtype=rows.dtype, device=rows.device)
+        if self.active:
+            # flat: gloo checks len(input) == world size x len(output) on the first dimension
+            torch_dist.reduce_scatter_tensor(out, rows.contiguous().view(-1), op=torch_dist.ReduceOp.SUM)
+        else:
+            out.copy_(rows[0])
+        return out
+
+    def all_gather_rows(self, row: torch.Tensor) -> torch.Tensor:
+        """(world size, L): row r is rank r's `row` (L the same on every rank)."""
+        out = torch.empty(self.world_size * row.numel(), dtype=row.dtype, device=row.device)  # flat, as for gloo
+        if self.active:
+            torch_dist.all_gather_into_tensor(out, row.contiguous().view(-1))
+        else:
+            out.copy_(row.view(-1))
+        return out.view(self.world_size, row.numel())
 
     def broadcast_secret(self, value: int | None) -> int:
         """The main process's secret (e.g. the seed) to every rank, through the process group only."""
@@ -125,6 +157,25 @@ class Distributed:
         torch_dist.all_reduce(high, op=torch_dist.ReduceOp.MAX)
         if not torch.equal(low, high):
             raise RuntimeError(f"{what} differ across ranks; the ranks ran different updates (a bug: please report)")
+
+    def launcher_zero_stage(self) -> int | None:
+        """The ZeRO stage an accelerate DeepSpeed config asked for (None when not launched with one). Only the stage is
+        honoured: offloading and ZeRO-3 are refused rather than silently ignored."""
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+            return None
+        stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0") or 0)
+        offload = [
+            key
+            for key in ("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE")
+            if os.environ.get(key, "none").lower() not in ("none", "")
+        ]
+        if stage not in (0, 1, 2) or offload:
+            raise RuntimeError(
+                f"the accelerate DeepSpeed config asks for zero_stage {stage}"
+                + (f" with {', '.join(offload)}" if offload else "")
+                + ": only ZeRO stages 0-2 without offload are supported (configs/accelerate/deepspeed_zero2.yaml)"
+            )
+        return stage
 
     def close(self) -> None:
         if self.active:

@@ -23,3 +23,8 @@ def build_optimizer(
     else:
         schedule = lambda s: 1.0  # noqa: E731
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the tensors in the optimizer's state (momentum, Adam moments, step counters) held by this process."""
+    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))

@@ -1,9 +1,10 @@
 """The trainer: build (data, model, mechanism), then `train()` (resume, steps, eval, checkpoints, outputs).
 
 `train_step()` is one logical DP-SGD step: Poisson-sample this rank's examples, per-example gradients over
-micro-batches, clip and sum locally, then `PrivateGradient.finish_step` (all-reduce, noise once, / q·N) and
-the optimizer. Everything random is derived from (secret seed, step), so the run does not depend on the
-number of processes or the micro-batch size, and a resumed run continues exactly where it stopped.
+micro-batches, clip and sum locally, then `PrivateGradient.finish_step` (sum over ranks, noise once, / q·N) and
+the optimizer (under ZeRO, `zero.ShardedOptimizer`: each rank updates its shard, then the shards are gathered).
+Everything random is derived from (secret seed, step), so the run does not depend on the number of processes,
+the ZeRO stage or the micro-batch size, and a resumed run continues exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from dpmix_dist.data.store import ExampleStore
 from dpmix_dist.distributed import Distributed
 from dpmix_dist.errors import DataError
 from dpmix_dist.models import build_dp_model, check_model_name
-from dpmix_dist.optim import build_optimizer
+from dpmix_dist.optim import build_optimizer, optimizer_state_bytes
 from dpmix_dist.privacy.clipping import per_example_grads
 from dpmix_dist.privacy.guarantee import Guarantee, plan
 from dpmix_dist.privacy.layerwise import LayerwiseClipper, UnsupportedLayer
 from dpmix_dist.privacy.mechanism import PrivateGradient
 from dpmix_dist.privacy.sampling import sample_local
+from dpmix_dist.zero import ShardedOptimizer, mechanism_reduction, resolve_stage
 
 NOT_PRIVATE_LOSS = "train_loss_not_private"  # the one unprotected value, only with tracking.log_train_loss=true
 
@@ -98,7 +100,17 @@ class Trainer:
         self.params = self.dp_model.trainable_params()
         self.inputs = RunInputs(config, self.metadata, self.dp_model, dist)
         self._to_input = self.inputs.to_input
-        self.optimizer, self.scheduler = build_optimizer(config.optim, list(self.params.values()), self.guarantee.steps)
+        self.zero_stage = resolve_stage(config.performance.zero_stage, dist)
+        self.zero: ShardedOptimizer | None = None
+        if self.zero_stage:
+            self.zero = ShardedOptimizer(
+                self.params, dist, lambda shard: build_optimizer(config.optim, shard, self.guarantee.steps)
+            )
+            self.optimizer, self.scheduler = self.zero.optimizer, self.zero.scheduler
+        else:
+            self.optimizer, self.scheduler = build_optimizer(
+                config.optim, list(self.params.values()), self.guarantee.steps
+            )
 
         self.mechanism = PrivateGradient(
             {name: p.shape for name, p in self.params.items()},
@@ -107,9 +119,9 @@ class Trainer:
             expected_batch_size=self.guarantee.expected_batch_size,
             secret_seed=secret_seed,
             world_size=dist.world_size,
-            all_reduce_sum=dist.all_reduce_sum,
             device=dist.device,
             secure_noise=config.privacy.secure_noise,
+            **mechanism_reduction(self.zero_stage, dist),
         )
         self.engine = self._choose_engine(config.performance.engine)
         self._autocast = torch.bfloat16 if config.performance.precision == "bf16" else None
@@ -178,11 +190,14 @@ class Trainer:
         if self._loss_acc is not None:
             self._loss_acc[0] += loss_sum
             self._loss_acc[1] += len(sampled)
-        flat = self.mechanism.finish_step()
-        for name, grad in self.mechanism.unflatten(flat).items():
-            self.params[name].grad = grad.to(self.params[name].dtype)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        flat = self.mechanism.finish_step()  # this rank's shard of the noised gradient (all of it unless ZeRO)
+        if self.zero is not None:
+            self.zero.step(flat)
+        else:
+            for name, grad in self.mechanism.unflatten(flat).items():
+                self.params[name].grad = grad.to(self.params[name].dtype)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
 
@@ -269,6 +284,8 @@ class Trainer:
             "expected_batch_size": g.expected_batch_size,
             "max_grad_norm": g.max_grad_norm,
             "world_size": self.dist.world_size,
+            "zero_stage": self.zero_stage,
+            "optimizer_state_bytes_per_rank": self._optimizer_state_bytes_per_rank(),
             "device": self.dist.device.type,
             "method": a.method,
             "private": g.private,
@@ -289,8 +306,16 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ resume
 
+    def _optimizer_state_bytes_per_rank(self) -> int:
+        """The largest optimizer state any rank holds (a size, not data: public)."""
+        held = torch.tensor([optimizer_state_bytes(self.optimizer)], dtype=torch.int64, device=self.dist.device)
+        return int(self.dist.all_gather_rows(held).max().item())
+
     def _save_checkpoint(self) -> None:
-        """A private artifact (it holds the secret seed), written by the main process (checkpoint.py)."""
+        """A private artifact (it holds the secret seed), written by the main process (checkpoint.py). The optimizer
+        state is saved in the replicated layout (under ZeRO gathered from the shards, a collective), so a checkpoint
+        resumes at any ZeRO stage and world size."""
+        optimizer_state = self.zero.full_state_dict() if self.zero is not None else self.optimizer.state_dict()
         self.dist.on_main(
             lambda: checkpoint.save(
                 self.output_dir,
@@ -300,7 +325,7 @@ class Trainer:
                     settings=checkpoint.mechanism_sections(self.config),
                     guarantee=self._resume_record(),
                     model={name: p.detach().cpu() for name, p in self.params.items()},
-                    optimizer=self.optimizer.state_dict(),
+                    optimizer=optimizer_state,
                     scheduler=self.scheduler.state_dict(),
                     history=self.history,
                 ),
@@ -319,7 +344,11 @@ class Trainer:
         with torch.no_grad():
             for name, value in state.model.items():
                 self.params[name].copy_(value)
-        self.optimizer.load_state_dict(state.optimizer)
+        if self.zero is not None:
+            self.zero.sync_from_params()
+            self.zero.load_full_state_dict(state.optimizer)
+        else:
+            self.optimizer.load_state_dict(state.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
         self.step, self.history = state.step, state.history
         self.mechanism.resume_after(self.step - 1)

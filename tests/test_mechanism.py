@@ -9,8 +9,9 @@ import torch
 from scipy import stats
 
 from dpmix_dist.privacy.mechanism import PrivateGradient
+from dpmix_dist.privacy.noise import CHUNK, gaussian_noise_slice
 from dpmix_dist.privacy.sampling import owned_indices, poisson_mask, sample_local
-from dpmix_dist.privacy.seeding import derive_seed, generator
+from dpmix_dist.privacy.seeding import derive_seed
 
 SHAPES = {"w": torch.Size([40, 25]), "b": torch.Size([25])}
 
@@ -151,7 +152,7 @@ def test_noise_is_added_once_after_the_all_reduce():
     out = mech.finish_step()
     local = torch.cat([grads[k].sum(0).reshape(-1) for k in SHAPES])
     assert torch.allclose(seen[0][:-1], local, atol=1e-7)  # nothing but the clipped sum went into the reduce
-    noise = torch.randn(local.numel(), generator=generator(7, "noise", 0)) * 1.0
+    noise = gaussian_noise_slice(7, 0, 0, local.numel(), 1.0)
     assert torch.allclose(out, (2 * local + noise) / 10.0, atol=1e-6)  # noise added once, not per rank
 
 
@@ -212,9 +213,9 @@ def test_secure_noise_is_chunked_by_coordinate_and_normal_in_the_tails():
     sampler is N(0, 1) (KS) with the right tail mass beyond 3σ and 4σ (a float-sampler defect shows in tails)."""
     from dpmix_dist.privacy import secure_random
 
-    short = secure_random.gaussian_noise(3, 0, 1000, 1.0)
-    long = secure_random.gaussian_noise(3, 0, secure_random.CHUNK + 7, 1.0)
-    assert torch.equal(long[:1000], short) and not torch.equal(long[secure_random.CHUNK :][:7], short[:7])
+    short = gaussian_noise_slice(3, 0, 0, 1000, 1.0, secure=True)
+    long = gaussian_noise_slice(3, 0, 0, CHUNK + 7, 1.0, secure=True)
+    assert torch.equal(long[:1000], short) and not torch.equal(long[CHUNK:][:7], short[:7])
     z = long.double().numpy()
     assert stats.kstest(z, "norm").pvalue > 1e-4
     for k in (3, 4):

@@ -82,6 +82,56 @@ def test_resume_with_another_precision_is_refused_the_engine_may_change(checkpoi
     assert trainer.step == 2
 
 
+def test_resume_of_a_checkpoint_from_the_old_noise_stream_is_refused(checkpointed, tmp_path):
+    """A checkpoint written before the noise was drawn in chunks of (seed, step, chunk) has no noise-stream record:
+    resuming it would mix two noise streams, so it is refused with a message that says so."""
+    import torch
+
+    root, out = checkpointed
+    raw = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert raw["guarantee"]["noise_stream"] == 2
+    del raw["guarantee"]["noise_stream"]  # what the previous version wrote
+    old = tmp_path / "old"
+    old.mkdir()
+    torch.save(raw, old / "checkpoint.pt")
+    trainer = _trainer(root, old)
+    with pytest.raises(ValueError, match=r"draws the noise differently \(noise stream 1, this version 2\)"):
+        trainer.resume()
+    assert trainer.step == 0
+
+
+def test_a_zero_checkpoint_resumes_replicated_and_a_replicated_one_under_zero(checkpointed, tmp_path):
+    """The checkpoint holds the optimizer state in the replicated layout (ZeRO gathers its shards): a stage-1 run and
+    a stage-0 run take the same steps, write the same state, and each resumes under the other stage to the same next
+    step (one process: the shard is the whole vector, the code path is ZeRO's)."""
+    import torch
+
+    root, _ = checkpointed
+    adam = ["optim.name=adam", "optim.lr=0.01", "optim.momentum=null"]
+    runs = {}
+    for stage in (0, 1):
+        (tmp_path / str(stage)).mkdir()
+        trainer = _trainer(root, tmp_path / str(stage), *adam, f"performance.zero_stage={stage}")
+        for _ in range(2):
+            trainer.train_step(trainer.train_store)
+        trainer._save_checkpoint()
+        runs[stage] = trainer
+    assert runs[1].zero is not None and runs[0].zero is None
+    full, plain = runs[1].zero.full_state_dict(), runs[0].optimizer.state_dict()
+    assert full["param_groups"] == plain["param_groups"] and full["state"].keys() == plain["state"].keys()
+    for i, state in plain["state"].items():
+        for key, value in state.items():
+            assert torch.allclose(full["state"][i][key], value, atol=1e-7), (i, key)
+    runs[0].train_step(runs[0].train_store)  # the reference for step 3
+    for written, other in ((1, 0), (0, 1)):
+        resumed = _trainer(root, tmp_path / str(written), *adam, f"performance.zero_stage={other}")
+        resumed.resume()
+        assert resumed.step == 2
+        resumed.train_step(resumed.train_store)
+        for name, param in resumed.params.items():
+            assert torch.allclose(param, runs[0].params[name], atol=1e-6), (written, other, name)
+
+
 def test_resume_on_a_rewritten_data_folder_is_refused(checkpointed):
     root, out = checkpointed
     _prepare(root, 240)  # same path, same config, 200 private examples now

@@ -11,24 +11,19 @@ statistically, but not built to resist an adversary who sees released values and
   draws smooths the gaps that floating-point sampling leaves in the low-order bits, which the attacks on textbook
   float noise exploit (Mironov 2012 for Laplace; Holohan & Braghin 2021 for Gaussian samplers, the scheme
   Opacus's secure mode uses).
-- Noise is drawn in fixed chunks of `CHUNK` coordinates, each with its own stream: memory stays bounded and the
-  value of coordinate j depends on (seed, step, j) alone.
+- `noise.gaussian_noise_slice` draws the noise in fixed chunks of `noise.CHUNK` coordinates, each with its own
+  stream from here: memory stays bounded and the value of coordinate j depends on (seed, step, j) alone.
 
 The secret seed has 63 bits of entropy (it travels as one int64 through the process group); see README.
-Numpy and hashlib only; tensors are returned for the caller.
+Numpy and hashlib only.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import torch
-
-CHUNK = 1 << 18  # coordinates per noise stream
 
 
 def uniforms(secret_seed: int, *labels: int | str, count: int) -> np.ndarray:
@@ -38,29 +33,10 @@ def uniforms(secret_seed: int, *labels: int | str, count: int) -> np.ndarray:
     return ((words >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
 
 
-def _standard_normals(secret_seed: int, labels: tuple, count: int) -> np.ndarray:
+def standard_normals(secret_seed: int, labels: tuple, count: int) -> np.ndarray:
     """`count` N(0, 1) values, each the combination of four normals: two Box-Muller pairs (cos and sin of each
     are independent) from the coordinate's own four uniforms, so value k does not depend on `count`."""
     u = uniforms(secret_seed, *labels, count=4 * count).reshape(count, 2, 2)
     radius = np.sqrt(-2.0 * np.log(u[:, :, 0]))
     angle = 2.0 * math.pi * u[:, :, 1]
     return (radius * (np.cos(angle) + np.sin(angle))).sum(1) / 2.0
-
-
-def gaussian_noise(
-    secret_seed: int, step: int, numel: int, std: float, device: torch.device | str = "cpu"
-) -> torch.Tensor:
-    """N(0, std²) on each of `numel` coordinates (fp32), chunk c seeded by (secret seed, "noise", step, c)."""
-    if std < 0:
-        raise ValueError(f"noise std must be >= 0, got {std}")
-    starts = range(0, numel, CHUNK)
-    # Chunks are independent streams; hashlib and numpy release the GIL on large buffers, so threads use every core.
-    with ThreadPoolExecutor(max_workers=min(len(starts), os.cpu_count() or 1) or 1) as pool:
-        parts = list(
-            pool.map(
-                lambda c: _standard_normals(secret_seed, ("noise", step, c), min(CHUNK, numel - starts[c])),
-                range(len(starts)),
-            )
-        )
-    flat = np.concatenate(parts) if parts else np.zeros(0)
-    return torch.from_numpy((flat * std).astype(np.float32)).to(device)

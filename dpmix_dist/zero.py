@@ -1,0 +1,133 @@
+"""ZeRO stages 1 and 2 for the noised gradient: each rank updates only the shard of the parameters it owns.
+
+The mechanism (`PrivateGradient` with `shard_index`) hands each rank the noised gradient of its contiguous shard
+[start, stop) of the flat trainable-parameter vector (`shard_bounds`). `ShardedOptimizer` keeps an fp32-or-param-
+dtype master copy of that shard and the optimizer (and its state: momentum, Adam moments) for it alone, so the
+optimizer state per rank is 1/W of the replicated one; after each update the shards are all-gathered into the
+parameters, which every rank holds whole (ZeRO-3 would shard those too; not implemented). The optimizers built by
+`optim.build_optimizer` are elementwise, so updating a shard equals updating the whole and slicing.
+
+Checkpoints hold the optimizer state in the replicated layout (per parameter, gathered here): a run checkpointed at
+one ZeRO stage or world size resumes at any other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from dpmix_dist.config import ConfigError
+from dpmix_dist.distributed import Distributed
+from dpmix_dist.privacy.mechanism import shard_bounds
+
+BuildOptimizer = Callable[[list[torch.Tensor]], tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]]
+
+
+def resolve_stage(configured: int | None, dist: Distributed) -> int:
+    """The run's ZeRO stage: `performance.zero_stage`, else the launcher's DeepSpeed config's, else 0."""
+    launched = dist.launcher_zero_stage()
+    if configured is not None and launched is not None and configured != launched:
+        raise ConfigError(
+            f"performance.zero_stage={configured} but the accelerate DeepSpeed config says zero_stage {launched}: "
+            "set one of them"
+        )
+    return configured if configured is not None else (launched or 0)
+
+
+def mechanism_reduction(stage: int, dist: Distributed) -> dict:
+    """`PrivateGradient`'s reduction arguments for a stage: 0 all-reduce, whole vector; 1 all-reduce, this rank's
+    shard; 2 reduce-scatter into this rank's shard."""
+    if stage == 0:
+        return {"all_reduce_sum": dist.all_reduce_sum}
+    if stage == 1:
+        return {"all_reduce_sum": dist.all_reduce_sum, "shard_index": dist.rank}
+    return {"reduce_scatter_sum": dist.reduce_scatter_sum, "shard_index": dist.rank}
+
+
+class ShardedOptimizer:
+    """The optimizer of this rank's shard of `params` (name -> parameter, in the mechanism's flat order).
+
+    Args:
+        params: the trainable parameters, whole on every rank.
+        dist: the process group; this rank owns shard `dist.rank` of `dist.world_size`.
+        build: makes the optimizer and schedule over a list of tensors (`optim.build_optimizer`, partially applied).
+    """
+
+    def __init__(self, params: dict[str, torch.Tensor], dist: Distributed, build: BuildOptimizer) -> None:
+        dtypes = {p.dtype for p in params.values()}
+        if len(dtypes) != 1:
+            raise ValueError(f"ZeRO needs one dtype for all trainable parameters, got {sorted(map(str, dtypes))}")
+        self.params, self.dist = params, dist
+        self.numel = sum(p.numel() for p in params.values())
+        self.start, self.stop = shard_bounds(self.numel, dist.world_size, dist.rank)
+        self.width = -(-self.numel // dist.world_size)  # the common (padded) shard length of the collectives
+        self.master = torch.zeros(self.stop - self.start, dtype=dtypes.pop(), device=dist.device, requires_grad=True)
+        self.sync_from_params()
+        self.optimizer, self.scheduler = build([self.master])
+
+    @torch.no_grad()
+    def sync_from_params(self) -> None:
+        """Copy this rank's shard of the parameters into the master (after the parameters were loaded)."""
+        flat = torch.cat([p.detach().reshape(-1) for p in self.params.values()])
+        self.master.copy_(flat[self.start : self.stop])
+
+    @torch.no_grad()
+    def step(self, owned_grad: torch.Tensor) -> None:
+        """Update the owned shard with its noised gradient, then all-gather the shards into the parameters."""
+        if owned_grad.shape != self.master.shape:
+            raise ValueError(f"gradient of shape {tuple(owned_grad.shape)} for a shard of {tuple(self.master.shape)}")
+        self.master.grad = owned_grad.to(self.master.dtype)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        flat = self._gather(self.master.detach())
+        offset = 0
+        for p in self.params.values():
+            p.copy_(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+    def _gather(self, shard: torch.Tensor) -> torch.Tensor:
+        """The whole flat vector from every rank's shard (each padded to the common width for the collective)."""
+        padded = torch.zeros(self.width, dtype=shard.dtype, device=shard.device)
+        padded[: shard.numel()] = shard
+        return self.dist.all_gather_rows(padded).reshape(-1)[: self.numel]
+
+    # ------------------------------------------------------------------------------------- checkpoints
+
+    def full_state_dict(self) -> dict:
+        """The optimizer state as a replicated optimizer over `params` would hold it (a collective: every rank)."""
+        sd = self.optimizer.state_dict()
+        flat_state = sd["state"].get(0, {})
+        gathered = {k: self._gather(v) for k, v in flat_state.items() if _is_t(v) and v.shape == self.master.shape}
+        state, offset = {}, 0
+        for i, p in enumerate(self.params.values()):
+            state[i] = {
+                k: gathered[k][offset : offset + p.numel()].view_as(p).clone()
+                if k in gathered
+                else (v.clone() if _is_t(v) else v)
+                for k, v in flat_state.items()
+            }
+            offset += p.numel()
+        groups = [{**g, "params": list(range(len(self.params)))} for g in sd["param_groups"]]
+        return {"state": state if flat_state else {}, "param_groups": groups}
+
+    def load_full_state_dict(self, full: dict) -> None:
+        """Load a replicated-layout state (`full_state_dict`, or a stage-0 optimizer's) for this rank's shard."""
+        shapes = [p.shape for p in self.params.values()]
+        flat_state = {}
+        if full["state"]:
+            if sorted(full["state"]) != list(range(len(shapes))):
+                raise ValueError("the checkpoint's optimizer state does not cover the trainable parameters")
+            for key, first in full["state"][0].items():
+                per_param = [full["state"][i][key] for i in range(len(shapes))]
+                if key != "step" and all(_is_t(v) and v.shape == s for v, s in zip(per_param, shapes)):
+                    flat = torch.cat([v.reshape(-1) for v in per_param])
+                    flat_state[key] = flat[self.start : self.stop].clone()
+                else:
+                    flat_state[key] = first
+        groups = [{**g, "params": [0]} for g in full["param_groups"]]
+        self.optimizer.load_state_dict({"state": {0: flat_state} if flat_state else {}, "param_groups": groups})
+
+
+def _is_t(value: object) -> bool:
+    return isinstance(value, torch.Tensor)
