@@ -4,14 +4,21 @@
 NCCL on GPUs). The training code asks this module simple questions (`all_reduce_sum`, `any_rank`) and never
 branches on ranks itself: what only the main process does (files, the tracker, messages, progress bars) goes
 through `on_main`, `print` and `progress`.
+
+Every collective runs under a timeout (`run.collective_timeout_s`; torch's default is 30 min) and a failed one raises
+`RankLost` on the ranks that are left: a process that died (its sockets close, so gloo fails at once), hung or became
+unreachable (the timeout) ends the run with a message and a non-zero exit status instead of a hang. The group is then
+left as it is: no barrier, no teardown, since the peers it would wait for are gone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import TypeVar
 
 import torch
@@ -19,18 +26,35 @@ import torch.distributed as torch_dist
 from accelerate import PartialState
 from tqdm import tqdm
 
-from dpmix_dist.errors import USER_ERRORS
+from dpmix_dist.errors import USER_ERRORS, RankLost
 
 T = TypeVar("T")
+
+
+def _short(exc: BaseException) -> str:
+    """The gist of a torch.distributed error: gloo's "[file.cc:123] Read error [addr]:port: Connection reset by
+    peer. This is typically ..." becomes "Read error [addr]:port: Connection reset by peer"."""
+    return re.sub(r"^(\w+: )?\[[^\]]*\]\s*", "", str(exc).strip()).split(". ")[0][:200] or type(exc).__name__
 
 
 class Distributed:
     """The process group as the trainer sees it. One process works too (world size 1, no collectives)."""
 
-    def __init__(self, cpu: bool = False) -> None:
+    def __init__(self, cpu: bool = False, collective_timeout_s: float = 600.0) -> None:
         # Without a GPU, accelerate only forms a multi-process (gloo) group when told cpu=True; otherwise each
         # launched process silently believes it is alone.
-        self._state = PartialState(cpu=cpu or not torch.cuda.is_available())
+        try:
+            self._state = PartialState(
+                cpu=cpu or not torch.cuda.is_available(), timeout=timedelta(seconds=collective_timeout_s)
+            )
+        except RuntimeError as exc:  # the rendezvous or gloo's full mesh failed: name what to check
+            raise RankLost(
+                f"could not form the process group ({_short(exc)}): check that every node reaches "
+                "--main_process_ip:--main_process_port, and on hosts with several networks set GLOO_SOCKET_IFNAME "
+                "(CPU) or NCCL_SOCKET_IFNAME (GPU) to the interface that joins the nodes"
+            ) from exc
+        self.collective_timeout_s = collective_timeout_s
+        self._lost = False  # a collective failed: the group is unusable (close() must not wait on it)
         launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
         if launched != self._state.num_processes:
             raise RuntimeError(
@@ -54,6 +78,21 @@ class Distributed:
         if exc_type is None or issubclass(exc_type, USER_ERRORS):
             self.close()
 
+    @contextlib.contextmanager
+    def _collective(self, what: str) -> Iterator[None]:
+        """Turn a failed or timed-out collective into `RankLost` (gloo raises a bare RuntimeError for both)."""
+        if self._lost:
+            raise RankLost(f"rank {self.rank}: the process group was already lost; cannot run {what}")
+        try:
+            yield
+        except RuntimeError as exc:
+            self._lost = True
+            where = f"rank {self.rank} of {self.world_size} lost the other processes during {what} ({_short(exc)})"
+            raise RankLost(
+                f"{where}: one died, hung for more than run.collective_timeout_s={self.collective_timeout_s:g} s, or "
+                "the network between them failed; the launcher's log of each node says which"
+            ) from exc
+
     @property
     def active(self) -> bool:
         return self.world_size > 1 and torch_dist.is_available() and torch_dist.is_initialized()
@@ -61,13 +100,15 @@ class Distributed:
     def all_reduce_sum(self, tensor: torch.Tensor) -> None:
         """In-place SUM over all ranks."""
         if self.active:
-            torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+            with self._collective("an all-reduce"):
+                torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
 
     def broadcast_secret(self, value: int | None) -> int:
         """The main process's secret (e.g. the seed) to every rank, through the process group only."""
         tensor = torch.tensor([value if value is not None else -1], dtype=torch.int64, device=self.device)
         if self.active:
-            torch_dist.broadcast(tensor, src=0)
+            with self._collective("a broadcast"):
+                torch_dist.broadcast(tensor, src=0)
         result = int(tensor.item())
         if result < 0:
             raise RuntimeError("the main process had no secret to broadcast")
@@ -78,7 +119,8 @@ class Distributed:
         if not self.active:
             return obj
         box = [obj]
-        torch_dist.broadcast_object_list(box, src=0)
+        with self._collective("a broadcast"):
+            torch_dist.broadcast_object_list(box, src=0)
         return box[0]
 
     def on_main(self, fn: Callable[..., T], *args, **kwargs) -> T | None:
@@ -96,7 +138,8 @@ class Distributed:
 
     def barrier(self) -> None:
         if self.active:
-            torch_dist.barrier()
+            with self._collective("a barrier"):
+                torch_dist.barrier()
 
     @contextlib.contextmanager
     def local_main_first(self) -> Iterator[None]:
@@ -121,12 +164,13 @@ class Distributed:
         weights = torch.arange(x.numel(), device=x.device, dtype=torch.float64).remainder_(97).add_(1)
         fingerprint = torch.stack([x.sum(), (x * weights).sum()])
         low, high = fingerprint.clone(), fingerprint.clone()
-        torch_dist.all_reduce(low, op=torch_dist.ReduceOp.MIN)
-        torch_dist.all_reduce(high, op=torch_dist.ReduceOp.MAX)
+        with self._collective("an all-reduce"):
+            torch_dist.all_reduce(low, op=torch_dist.ReduceOp.MIN)
+            torch_dist.all_reduce(high, op=torch_dist.ReduceOp.MAX)
         if not torch.equal(low, high):
             raise RuntimeError(f"{what} differ across ranks; the ranks ran different updates (a bug: please report)")
 
     def close(self) -> None:
-        if self.active:
-            torch_dist.barrier()
+        if self.active and not self._lost:
+            self.barrier()
             torch_dist.destroy_process_group()

@@ -8,6 +8,7 @@ In one process, on shards written in-process (seconds). The multi-process cases 
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from dpmix_dist import checkpoint
+from dpmix_dist.commands.finetune import _main_process_seed
 from dpmix_dist.config import load_config
 from dpmix_dist.data.shards import write_dataset
 from dpmix_dist.data.sources import RawDataset, RawSplit
@@ -125,6 +127,15 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file_and_the_fix(root, tmp_p
     path.write_bytes(path.read_bytes()[:1000])  # truncated (a copy cut short)
     with pytest.raises(checkpoint.CorruptCheckpoint, match=r"cannot be read .*Restore it from a good copy"):
         checkpoint.read_seed(tmp_path / "run")
+
+
+def test_finetune_reports_a_damaged_checkpoint_on_every_rank(root, tmp_path):
+    """The main process reads the seed alone: a damaged checkpoint comes back as the message every rank raises,
+    rather than an exception on the main process that would leave the other ranks waiting in the broadcast."""
+    trainer = _checkpointed(root, tmp_path / "run")
+    _flip_a_model_byte(tmp_path / "run" / checkpoint.CHECKPOINT, trainer)
+    secret, error = _main_process_seed(argparse.Namespace(resume=True, seed=None), tmp_path / "run")
+    assert secret is None and "does not match the SHA-256" in error
 
 
 def test_the_checksum_covers_every_field_and_refuses_unstable_values():
