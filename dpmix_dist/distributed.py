@@ -5,10 +5,10 @@ NCCL on GPUs). The training code asks this module simple questions (`all_reduce_
 branches on ranks itself: what only the main process does (files, the tracker, messages, progress bars) goes
 through `on_main`, `print` and `progress`.
 
-Every collective runs under a timeout (`run.collective_timeout_s`; torch's default is 30 min) and a failed one raises
-`RankLost` on the ranks that are left: a process that died (its sockets close, so gloo fails at once), hung or became
-unreachable (the timeout) ends the run with a message and a non-zero exit status instead of a hang. The group is then
-left as it is: no barrier, no teardown, since the peers it would wait for are gone.
+Collectives run under a timeout (fine-tuning: `run.collective_timeout_s`; otherwise torch's 30 min), and a failed one
+raises `RankLost` on the ranks that are left: a process that died (its sockets close, so gloo fails at once), hung or
+became unreachable (the timeout) ends the run with a message and a non-zero exit status instead of a hang. The group
+is then left as it is: no barrier, no teardown, since the peers it would wait for are gone.
 """
 
 from __future__ import annotations
@@ -34,19 +34,22 @@ T = TypeVar("T")
 def _short(exc: BaseException) -> str:
     """The gist of a torch.distributed error: gloo's "[file.cc:123] Read error [addr]:port: Connection reset by
     peer. This is typically ..." becomes "Read error [addr]:port: Connection reset by peer"."""
-    return re.sub(r"^(\w+: )?\[[^\]]*\]\s*", "", str(exc).strip()).split(". ")[0][:200] or type(exc).__name__
+    text = re.sub(r"\[[^\]\s]*\.(?:cc|cpp|h):\d+\]\s*", "", str(exc).strip())  # gloo's source locations
+    return text.split(". ")[0][:200] or type(exc).__name__
 
 
 class Distributed:
     """The process group as the trainer sees it. One process works too (world size 1, no collectives)."""
 
-    def __init__(self, cpu: bool = False, collective_timeout_s: float = 600.0) -> None:
+    def __init__(self, cpu: bool = False, collective_timeout_s: float | None = None) -> None:
+        """`collective_timeout_s`: how long a collective may wait for the other ranks (None: torch's default,
+        30 min; fine-tuning passes `run.collective_timeout_s`; generation keeps the default, as a rank that has
+        finished its shards may wait at the barrier for as long as the others render)."""
         # Without a GPU, accelerate only forms a multi-process (gloo) group when told cpu=True; otherwise each
         # launched process silently believes it is alone.
+        timeout = {} if collective_timeout_s is None else {"timeout": timedelta(seconds=collective_timeout_s)}
         try:
-            self._state = PartialState(
-                cpu=cpu or not torch.cuda.is_available(), timeout=timedelta(seconds=collective_timeout_s)
-            )
+            self._state = PartialState(cpu=cpu or not torch.cuda.is_available(), **timeout)
         except RuntimeError as exc:  # the rendezvous or gloo's full mesh failed: name what to check
             raise RankLost(
                 f"could not form the process group ({_short(exc)}): check that every node reaches "
@@ -88,9 +91,10 @@ class Distributed:
         except RuntimeError as exc:
             self._lost = True
             where = f"rank {self.rank} of {self.world_size} lost the other processes during {what} ({_short(exc)})"
+            limit = "torch's 30 min" if self.collective_timeout_s is None else f"{self.collective_timeout_s:g} s"
             raise RankLost(
-                f"{where}: one died, hung for more than run.collective_timeout_s={self.collective_timeout_s:g} s, or "
-                "the network between them failed; the launcher's log of each node says which"
+                f"{where}: one died, hung for more than the collective timeout ({limit}, run.collective_timeout_s), "
+                "or the network between them failed; the launcher's log of each node says which"
             ) from exc
 
     @property
