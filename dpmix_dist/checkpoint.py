@@ -1,15 +1,22 @@
 """Stopping and resuming a run: the private checkpoint, what a resume must keep, and SIGINT/SIGTERM.
 
-`checkpoint.pt` holds the secret seed, so it is a private artifact like the model: mode 0600, written atomically,
-deleted when the run finishes. It also records the guarantee its steps were taken under; a resume whose plan
-differs (another N, σ, q, C, δ, accountant, precision) is refused, since the steps already taken could not be
-accounted together with the new ones. It records the noise stream too: a checkpoint of a version that drew the noise
-differently is refused (its steps and the resumed ones would come from two streams, whose independence nothing
-guarantees).
+`checkpoint.pt` holds the secret seed, so it is a private artifact like the model: mode 0600, written atomically
+(a temporary file, fsync, rename), deleted when the run finishes. It also records the guarantee its steps were taken
+under; a resume whose plan differs (another N, σ, q, C, δ, accountant, precision) is refused, since the steps already
+taken could not be accounted together with the new ones.
+
+It carries the SHA-256 of its own content (`content_sha256`: every tensor's dtype, shape and bytes, every other
+value, in order), checked before anything in it is used: torch.load reads a flipped bit in a tensor without
+complaint, and a resume from a damaged file would go on with a model or a step count that no accounted run produced.
+Inside the file rather than beside it, so that the one rename that publishes a checkpoint publishes its checksum too.
+
+It records the noise stream too: a checkpoint of a version that drew the noise differently is refused (its steps
+and the resumed ones would come from two streams, whose independence nothing guarantees).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 from collections.abc import Callable
@@ -26,6 +33,11 @@ from dpmix_dist.privacy.guarantee import Guarantee
 from dpmix_dist.privacy.noise import NOISE_STREAM_VERSION
 
 CHECKPOINT = "checkpoint.pt"
+_FIELDS = ("step", "secret_seed", "guarantee", "model", "optimizer", "scheduler", "history")
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint that cannot be read, or whose content does not match its recorded SHA-256."""
 
 
 @dataclass
@@ -48,8 +60,11 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def mechanism_sections(config: Config) -> dict:
-    """Everything but `run`, `performance` and `tracking`: what a resumed run must keep (those may change)."""
-    return {k: v for k, v in config_to_dict(config).items() if k not in ("run", "performance", "tracking")}
+    """Everything but `run`, `performance`, `tracking` and `data.cache_dir`: what a resumed run must keep (those may
+    change; the cache folder is node-local, so it differs between the nodes of one run)."""
+    sections = {k: v for k, v in config_to_dict(config).items() if k not in ("run", "performance", "tracking")}
+    sections["data"].pop("cache_dir")
+    return sections
 
 
 def resume_record(g: Guarantee, num_train: int, train_shards: dict[str, str], precision: str) -> dict:
@@ -71,25 +86,76 @@ def resume_record(g: Guarantee, num_train: int, train_shards: dict[str, str], pr
     }
 
 
+def content_sha256(content: dict) -> str:
+    """SHA-256 of a checkpoint's content, independent of how torch lays it out in the file: containers with their
+    lengths, tensors as dtype, shape and raw bytes, numbers, strings, booleans and None by their repr (exact for
+    floats). Anything else is refused (its repr could name a memory address, which no reload reproduces)."""
+    digest = hashlib.sha256()
+
+    def feed(obj: object) -> None:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"T{t.dtype}{tuple(obj.shape)};".encode())
+            digest.update(t.view(torch.uint8).numpy())
+        elif isinstance(obj, dict):
+            digest.update(f"{{{len(obj)};".encode())
+            for key, value in obj.items():
+                feed(key)
+                feed(value)
+        elif isinstance(obj, (list, tuple)):
+            digest.update(f"[{len(obj)};".encode())
+            for value in obj:
+                feed(value)
+        elif obj is None or isinstance(obj, (bool, int, float, str)):
+            digest.update(f"{type(obj).__name__}:{obj!r};".encode())
+        else:
+            raise TypeError(f"a checkpoint cannot hold a {type(obj).__name__} (no stable checksum)")
+
+    feed(content)
+    return digest.hexdigest()
+
+
 def save(output_dir: Path, state: State) -> None:
+    content = {**{k: getattr(state, k) for k in _FIELDS}, "config": state.settings}  # no asdict: it copies tensors
+
     def write(tmp: Path) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
-            fields = {
-                k: getattr(state, k)
-                for k in ("step", "secret_seed", "guarantee", "model", "optimizer", "scheduler", "history")
-            }
-            torch.save({**fields, "config": state.settings}, f)  # no dataclasses.asdict: it deep-copies tensors
+            torch.save({**content, "sha256": content_sha256(content)}, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename publishes it: a crash leaves the old or the new one
 
     atomic_write(output_dir / CHECKPOINT, write)
 
 
+def _load_verified(path: Path) -> dict:
+    """The checkpoint's content, after checking its SHA-256; `CorruptCheckpoint` names the file and the fix."""
+    fix = (
+        "it was damaged after it was written (disk, copy, transfer). Restore it from a good copy, or start the run "
+        "again in a new --output-dir"
+    )
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=False)  # optimizer.load_state_dict moves it
+    except Exception as exc:  # a truncated or overwritten file fails in the zip or pickle reader
+        raise CorruptCheckpoint(f"--resume: {path} cannot be read ({str(exc)[:200]}): {fix}") from None
+    recorded = raw.pop("sha256", None) if isinstance(raw, dict) else None
+    if recorded is None:
+        raise CorruptCheckpoint(
+            f"--resume: {path} carries no checksum (not a checkpoint of this version, or damaged); start the run "
+            "again in a new --output-dir"
+        )
+    if content_sha256(raw) != recorded:
+        raise CorruptCheckpoint(f"--resume: {path} does not match the SHA-256 recorded in it: {fix}")
+    return raw
+
+
 def load_for_resume(output_dir: Path, settings: dict, guarantee: dict, secret_seed: int) -> State:
-    """The checkpoint in `output_dir`, after checking it was written under these settings and this guarantee."""
+    """The checkpoint in `output_dir`, after checking its checksum and that it was written under these settings and
+    this guarantee."""
     path = output_dir / CHECKPOINT
     if not path.is_file():
         raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {output_dir}; nothing to resume")
-    raw = torch.load(path, map_location="cpu", weights_only=False)  # optimizer.load_state_dict moves it
+    raw = _load_verified(path)
     if raw["config"] != settings:
         changed = sorted(k for k, v in settings.items() if raw["config"].get(k) != v)
         raise ValueError(
@@ -119,18 +185,16 @@ def load_for_resume(output_dir: Path, settings: dict, guarantee: dict, secret_se
         )
     if raw["secret_seed"] != secret_seed:
         raise ValueError("--resume: internal error, the secret seed was not restored from the checkpoint")
-    return State(
-        **{k: raw[k] for k in ("step", "secret_seed", "guarantee", "model", "optimizer", "scheduler", "history")},
-        settings=raw["config"],
-    )
+    return State(**{k: raw[k] for k in _FIELDS}, settings=raw["config"])
 
 
 def read_seed(output_dir: Path) -> int | None:
-    """The secret seed stored in a run's checkpoint (for --resume), or None if there is none."""
+    """The secret seed stored in a run's checkpoint (for --resume), or None if there is none. The checksum is
+    verified here already: this is the first read of a resume, on the main process."""
     path = output_dir / CHECKPOINT
     if not path.is_file():
         return None
-    return int(torch.load(path, map_location="cpu", weights_only=False)["secret_seed"])
+    return int(_load_verified(path)["secret_seed"])
 
 
 def write_outputs(output_dir: Path, model: torch.nn.Module, summary: dict) -> None:

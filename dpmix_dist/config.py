@@ -246,17 +246,22 @@ class PerformanceConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Logging and evaluation cadence."""
+    """Evaluation and checkpoint cadence, what a lost process costs, progress bars."""
 
     eval_every_epochs: float = 1.0
     """Evaluate on the test shards every this many epochs (and always at the end)."""
     checkpoint_every_epochs: float = 1.0
     """Write a resumable checkpoint (a private artifact: it holds the secret seed) this often."""
+    checkpoint_every_steps: int = 0
+    """Also write one every this many steps (0: the epoch cadence only); bounds the work a crash loses."""
+    collective_timeout_s: float = 600.0
+    """A collective (all-reduce, barrier) that waits longer fails the run: a hung or unreachable process."""
     progress_bar: bool = True
     """Show tqdm progress bars (feature caching, DP steps) on the main process."""
 
     def __post_init__(self) -> None:
         check_bounds("run", self, eval_every_epochs="> 0", checkpoint_every_epochs="> 0")
+        check_bounds("run", self, checkpoint_every_steps=">= 0", collective_timeout_s="> 0")
 
 
 @dataclass(frozen=True)
@@ -347,10 +352,8 @@ def check_against_dataset(config: Config, num_train: int) -> None:
     """Checks that need N, the number of private training examples (from the shards' metadata)."""
     p = config.privacy
     if p.expected_batch_size > num_train:
-        too_large = f"{p.expected_batch_size} is larger than the data set ({num_train} examples)"
-        _fail("privacy.expected_batch_size", f"{too_large}; lower it")
+        _fail("privacy.expected_batch_size", f"{p.expected_batch_size} exceeds the {num_train} examples; lower it")
     if p.target_delta >= 1.0 / num_train:
+        bound = f"{p.target_delta:g} must be < 1/N = {1.0 / num_train:.3g} (N = {num_train})"
         why = "a δ that large allows releasing an example outright. Use e.g. 1e-5 or 1/(10·N)"
-        _fail(
-            "privacy.target_delta", f"{p.target_delta:g} must be < 1/N = {1.0 / num_train:.3g} (N = {num_train}); {why}"
-        )
+        _fail("privacy.target_delta", f"{bound}; {why}")

@@ -15,14 +15,21 @@ Why accelerate's DeepSpeed plugin sees world size 1 on CPU: `PartialState(cpu=Fa
 branch, but finds a backend only on an accelerator, so with no GPU `backend` stays None and it sets
 num_processes = 1 on every rank. We pass cpu=True without a GPU: accelerate then forms the gloo group (MULTI_CPU)
 and ignores the DeepSpeed plugin, which we do not use.
+
+Collectives run under a timeout (fine-tuning: `run.collective_timeout_s`; otherwise torch's 30 min), and a failed one
+raises `RankLost` on the ranks that are left: a process that died (its sockets close, so gloo fails at once), hung or
+became unreachable (the timeout) ends the run with a message and a non-zero exit status instead of a hang. The group
+is then left as it is: no barrier, no teardown, since the peers it would wait for are gone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import TypeVar
 
 import torch
@@ -30,18 +37,38 @@ import torch.distributed as torch_dist
 from accelerate import PartialState
 from tqdm import tqdm
 
-from dpmix_dist.errors import USER_ERRORS
+from dpmix_dist.errors import USER_ERRORS, RankLost
 
 T = TypeVar("T")
+
+
+def _short(exc: BaseException) -> str:
+    """The gist of a torch.distributed error: gloo's "[file.cc:123] Read error [addr]:port: Connection reset by
+    peer. This is typically ..." becomes "Read error [addr]:port: Connection reset by peer"."""
+    text = re.sub(r"\[[^\]\s]*\.(?:cc|cpp|h):\d+\]\s*", "", str(exc).strip())  # gloo's source locations
+    return text.split(". ")[0][:200] or type(exc).__name__
 
 
 class Distributed:
     """The process group as the trainer sees it. One process works too (world size 1, no collectives)."""
 
-    def __init__(self, cpu: bool = False) -> None:
+    def __init__(self, cpu: bool = False, collective_timeout_s: float | None = None) -> None:
+        """`collective_timeout_s`: how long a collective may wait for the other ranks (None: torch's default,
+        30 min; fine-tuning passes `run.collective_timeout_s`; generation keeps the default, as a rank that has
+        finished its shards may wait at the barrier for as long as the others render)."""
         # Without a GPU, accelerate only forms a multi-process (gloo) group when told cpu=True; otherwise each
         # launched process silently believes it is alone.
-        self._state = PartialState(cpu=cpu or not torch.cuda.is_available())
+        timeout = {} if collective_timeout_s is None else {"timeout": timedelta(seconds=collective_timeout_s)}
+        try:
+            self._state = PartialState(cpu=cpu or not torch.cuda.is_available(), **timeout)
+        except RuntimeError as exc:  # the rendezvous or gloo's full mesh failed: name what to check
+            raise RankLost(
+                f"could not form the process group ({_short(exc)}): check that every node reaches "
+                "--main_process_ip:--main_process_port, and on hosts with several networks set GLOO_SOCKET_IFNAME "
+                "(CPU) or NCCL_SOCKET_IFNAME (GPU) to the interface that joins the nodes"
+            ) from exc
+        self.collective_timeout_s = collective_timeout_s
+        self._lost = False  # a collective failed: the group is unusable (close() must not wait on it)
         launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
         if launched != self._state.num_processes:
             raise RuntimeError(
@@ -65,6 +92,22 @@ class Distributed:
         if exc_type is None or issubclass(exc_type, USER_ERRORS):
             self.close()
 
+    @contextlib.contextmanager
+    def _collective(self, what: str) -> Iterator[None]:
+        """Turn a failed or timed-out collective into `RankLost` (gloo raises a bare RuntimeError for both)."""
+        if self._lost:
+            raise RankLost(f"rank {self.rank}: the process group was already lost; cannot run {what}")
+        try:
+            yield
+        except RuntimeError as exc:
+            self._lost = True
+            where = f"rank {self.rank} of {self.world_size} lost the other processes during {what} ({_short(exc)})"
+            limit = "torch's 30 min" if self.collective_timeout_s is None else f"{self.collective_timeout_s:g} s"
+            raise RankLost(
+                f"{where}: one died, hung for more than the collective timeout ({limit}, run.collective_timeout_s), "
+                "or the network between them failed; the launcher's log of each node says which"
+            ) from exc
+
     @property
     def active(self) -> bool:
         return self.world_size > 1 and torch_dist.is_available() and torch_dist.is_initialized()
@@ -72,7 +115,8 @@ class Distributed:
     def all_reduce_sum(self, tensor: torch.Tensor) -> None:
         """In-place SUM over all ranks."""
         if self.active:
-            torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+            with self._collective("an all-reduce"):
+                torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
 
     def reduce_scatter_sum(self, rows: torch.Tensor) -> torch.Tensor:
         """Row `rank` of the SUM over ranks of `rows` ((world size, L), the same shape on every rank)."""
@@ -80,8 +124,8 @@ class Distributed:
             raise ValueError(f"reduce-scatter needs ({self.world_size}, L) rows, got {tuple(rows.shape)}")
         out = torch.empty(rows.shape[1], dtype=rows.dtype, device=rows.device)
         if self.active:
-            # flat: gloo checks len(input) == world size x len(output) on the first dimension
-            torch_dist.reduce_scatter_tensor(out, rows.contiguous().view(-1), op=torch_dist.ReduceOp.SUM)
+            with self._collective("a reduce-scatter"):  # flat: gloo checks len(input) == W x len(output)
+                torch_dist.reduce_scatter_tensor(out, rows.contiguous().view(-1), op=torch_dist.ReduceOp.SUM)
         else:
             out.copy_(rows[0])
         return out
@@ -90,7 +134,8 @@ class Distributed:
         """(world size, L): row r is rank r's `row` (L the same on every rank)."""
         out = torch.empty(self.world_size * row.numel(), dtype=row.dtype, device=row.device)  # flat, as for gloo
         if self.active:
-            torch_dist.all_gather_into_tensor(out, row.contiguous().view(-1))
+            with self._collective("an all-gather"):
+                torch_dist.all_gather_into_tensor(out, row.contiguous().view(-1))
         else:
             out.copy_(row.view(-1))
         return out.view(self.world_size, row.numel())
@@ -99,7 +144,8 @@ class Distributed:
         """The main process's secret (e.g. the seed) to every rank, through the process group only."""
         tensor = torch.tensor([value if value is not None else -1], dtype=torch.int64, device=self.device)
         if self.active:
-            torch_dist.broadcast(tensor, src=0)
+            with self._collective("a broadcast"):
+                torch_dist.broadcast(tensor, src=0)
         result = int(tensor.item())
         if result < 0:
             raise RuntimeError("the main process had no secret to broadcast")
@@ -110,7 +156,8 @@ class Distributed:
         if not self.active:
             return obj
         box = [obj]
-        torch_dist.broadcast_object_list(box, src=0)
+        with self._collective("a broadcast"):
+            torch_dist.broadcast_object_list(box, src=0)
         return box[0]
 
     def on_main(self, fn: Callable[..., T], *args, **kwargs) -> T | None:
@@ -128,7 +175,8 @@ class Distributed:
 
     def barrier(self) -> None:
         if self.active:
-            torch_dist.barrier()
+            with self._collective("a barrier"):
+                torch_dist.barrier()
 
     @contextlib.contextmanager
     def local_main_first(self) -> Iterator[None]:
@@ -153,8 +201,9 @@ class Distributed:
         weights = torch.arange(x.numel(), device=x.device, dtype=torch.float64).remainder_(97).add_(1)
         fingerprint = torch.stack([x.sum(), (x * weights).sum()])
         low, high = fingerprint.clone(), fingerprint.clone()
-        torch_dist.all_reduce(low, op=torch_dist.ReduceOp.MIN)
-        torch_dist.all_reduce(high, op=torch_dist.ReduceOp.MAX)
+        with self._collective("an all-reduce"):
+            torch_dist.all_reduce(low, op=torch_dist.ReduceOp.MIN)
+            torch_dist.all_reduce(high, op=torch_dist.ReduceOp.MAX)
         if not torch.equal(low, high):
             raise RuntimeError(f"{what} differ across ranks; the ranks ran different updates (a bug: please report)")
 
@@ -178,6 +227,6 @@ class Distributed:
         return stage
 
     def close(self) -> None:
-        if self.active:
-            torch_dist.barrier()
+        if self.active and not self._lost:
+            self.barrier()
             torch_dist.destroy_process_group()

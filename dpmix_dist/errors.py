@@ -16,8 +16,14 @@ class ModelError(RuntimeError):
     """A model problem; the message names the setting and the fix."""
 
 
+class RankLost(RuntimeError):
+    """A collective failed or timed out: another process of the run died, hung or became unreachable. Not a bug
+    here and not the user's settings: the message says what happened and how to continue (exit status 3)."""
+
+
 # What every launcher turns into one `error:` line and exit status 2 (anything else is a bug: full traceback).
 USER_ERRORS = (ConfigError, DataError, ModelError, FileExistsError, FileNotFoundError, ValueError)
+EXIT_RANK_LOST = 3  # neither a user error (2) nor a bug (1): the run can continue with --resume
 
 
 def fail(message: str) -> int:
@@ -28,8 +34,12 @@ def fail(message: str) -> int:
 
 def run_command(body: Callable[[], int | None]) -> int:
     """Every launcher's body runs through this: a user error (`USER_ERRORS`) becomes one `error:` line and exit
-    status 2; anything else is a bug and keeps its traceback. Returns the exit status (None counts as 0)."""
+    status 2, a lost process (`RankLost`, printed by every rank that is left) one line and status 3; anything else
+    is a bug and keeps its traceback. Returns the exit status (None counts as 0)."""
     try:
         return body() or 0
     except USER_ERRORS as exc:
         return fail(str(exc))
+    except RankLost as exc:
+        fail(str(exc))
+        return EXIT_RANK_LOST

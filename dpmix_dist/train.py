@@ -242,7 +242,7 @@ class Trainer:
                         f"step {self.step}/{g.steps}  ε={epsilon:.3f}  "
                         f"{self.config.data.eval_split} accuracy {accuracy:.4f}"
                     )
-                if self.step % ckpt_every == 0 and self.step < g.steps:
+                if self._checkpoint_due(ckpt_every) and self.step < g.steps:
                     self._save_checkpoint()
                 if g.private and not bar.disable:  # the guarantee only: nothing computed from the private batch
                     bar.set_postfix_str(
@@ -255,6 +255,11 @@ class Trainer:
                     raise checkpoint.Interrupted(self.step, g.steps)
         bar.close()
         return self._finish(accuracy, time.time() - start)
+
+    def _checkpoint_due(self, every_epochs_in_steps: int) -> bool:
+        """After this step: by the epoch cadence, or by `run.checkpoint_every_steps` when set."""
+        every_steps = self.config.run.checkpoint_every_steps
+        return self.step % every_epochs_in_steps == 0 or bool(every_steps and self.step % every_steps == 0)
 
     def _train_loss(self) -> float:
         """Mean group loss over every example sampled (all ranks) since the last evaluation. It is computed on

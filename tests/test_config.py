@@ -235,6 +235,9 @@ def test_literal_error_lists_allowed_values():
         ("performance.micro_batch_size=0", "performance.micro_batch_size"),
         ("augment.num_views=2", "augment.num_views"),  # dpsgd takes exactly one view
         ("data.image_size=4", "data.image_size"),
+        ("run.checkpoint_every_steps=-1", "run.checkpoint_every_steps"),
+        ("run.checkpoint_every_steps=2.5", "run.checkpoint_every_steps"),
+        ("run.collective_timeout_s=0", "run.collective_timeout_s"),
     ],
 )
 def test_impossible_values_are_named(override, key):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from dpmix_dist.commands import parser_for, timestamped_output_dir
 from dpmix_dist.config import dump_config, load_config
-from dpmix_dist.errors import run_command
+from dpmix_dist.errors import RankLost, run_command
 
 SEED_WARNING = (
     "WARNING: --seed fixes the sampling and the noise. The (ε, δ) guarantee now rests on this seed staying "
@@ -79,55 +79,77 @@ def _finetune(args: argparse.Namespace, started: float) -> int:
         check_uri(resolve_uri(config.tracking))
 
     # Heavy imports after the cheap checks: a typo in the config fails in a second.
-    from dpmix_dist.checkpoint import Interrupted
+    from dpmix_dist.checkpoint import CHECKPOINT
     from dpmix_dist.distributed import Distributed
+
+    output_dir = args.output_dir
+    try:
+        with Distributed(cpu=args.cpu, collective_timeout_s=config.run.collective_timeout_s) as dist:
+            output_dir = Path(dist.broadcast_object(str(args.output_dir)))  # the main process's default name
+            return _train(config, args, dist, output_dir, started)
+    except RankLost as lost:  # raised on every rank that is left; each says it (exit status 3)
+        if (output_dir / CHECKPOINT).is_file():
+            how = f"Continue from its last checkpoint with the same command plus --resume --output-dir {output_dir}"
+        else:
+            how = f"No checkpoint was written to {output_dir} (as seen from this node) yet: start the run again"
+        raise RankLost(f"{lost}. {how}") from None
+
+
+def _train(config, args: argparse.Namespace, dist, output_dir: Path, started: float) -> int:
+    """Every rank, inside the process group: the seed, the trainer, the run, the final messages."""
+    from dpmix_dist.checkpoint import Interrupted
     from dpmix_dist.train import Trainer
 
-    with Distributed(cpu=args.cpu) as dist:
-        output_dir = Path(dist.broadcast_object(str(args.output_dir)))  # the main process's choice of default name
-        secret, error = dist.on_main(_main_process_seed, args, output_dir) or (None, None)
-        error = dist.broadcast_object(error)  # a message, never the seed
-        if error:
-            raise ValueError(error)
-        trainer = Trainer(config, dist, output_dir, dist.broadcast_secret(secret))
-        if args.resume:
-            trainer.resume()
-        tracker = dist.on_main(_announce, config, trainer, output_dir, args, dist.world_size)
-        try:
-            summary = trainer.train()
-        except Interrupted as stopped:
-            if tracker is not None:
-                tracker.end_interrupted()
-            dist.print(
-                f"interrupted: {stopped}; checkpoint written. Continue with the same command plus "
-                f"--resume --output-dir {output_dir}",
-                stderr=True,
-            )
-            return 130
+    secret, error = dist.on_main(_main_process_seed, args, output_dir) or (None, None)
+    error = dist.broadcast_object(error)  # a message, never the seed
+    if error:
+        raise ValueError(error)
+    trainer = Trainer(config, dist, output_dir, dist.broadcast_secret(secret))
+    if args.resume:
+        trainer.resume()
+    tracker = dist.on_main(_announce, config, trainer, output_dir, args, dist.world_size)
+    try:
+        summary = trainer.train()
+    except RankLost:  # the MLflow run ends as KILLED, like an interrupted one, and can be resumed the same way
         if tracker is not None:
-            with _signals_deferred() as received:  # the run is finished: Ctrl-C now would only lose its record
-                _finish_tracker(tracker, config, trainer, summary, dist.world_size)
-            if received:
-                print(
-                    "stop signal received while logging the finished run to MLflow; the record was completed first",
-                    file=sys.stderr,
-                )
-        dist.print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
+            tracker.end_interrupted()
+        raise
+    except Interrupted as stopped:
+        if tracker is not None:
+            tracker.end_interrupted()
         dist.print(
-            f"done in {time.time() - started:.0f} s (data, model and features included): {summary['eval_split']} "
-            f"accuracy {summary[trainer.accuracy_key]:.4f} at ε={summary['epsilon']:.3f}, δ={summary['delta']:g}; "
-            f"outputs in {output_dir}"
+            f"interrupted: {stopped}; checkpoint written. Continue with the same command plus "
+            f"--resume --output-dir {output_dir}",
+            stderr=True,
         )
+        return 130
+    if tracker is not None:
+        with _signals_deferred() as received:  # the run is finished: Ctrl-C now would only lose its record
+            _finish_tracker(tracker, config, trainer, summary, dist.world_size)
+        if received:
+            print(
+                "stop signal received while logging the finished run to MLflow; the record was completed first",
+                file=sys.stderr,
+            )
+    dist.print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
+    dist.print(
+        f"done in {time.time() - started:.0f} s (data, model and features included): {summary['eval_split']} "
+        f"accuracy {summary[trainer.accuracy_key]:.4f} at ε={summary['epsilon']:.3f}, δ={summary['delta']:g}; "
+        f"outputs in {output_dir}"
+    )
     return 0
 
 
 def _main_process_seed(args: argparse.Namespace, output_dir: Path) -> tuple[int | None, str | None]:
     """The secret seed (from the checkpoint when resuming, --seed, or the OS CSPRNG) and an error message or None."""
-    from dpmix_dist.checkpoint import read_seed
+    from dpmix_dist.checkpoint import CorruptCheckpoint, read_seed
     from dpmix_dist.privacy.seeding import fresh_secret_seed
 
     if args.resume:
-        secret = read_seed(output_dir)
+        try:
+            secret = read_seed(output_dir)
+        except CorruptCheckpoint as exc:  # every rank reports it (raised here alone, it would leave them waiting)
+            return None, str(exc)
         if args.seed is not None and args.seed != secret:
             return None, "--seed differs from the seed of the run being resumed; drop --seed (the checkpoint keeps it)"
         return secret, None
