@@ -1,11 +1,8 @@
 """Typed run configuration: frozen dataclasses, one YAML section each.
 
-`load_config("fmnist_effnet_lite0", ["privacy.target_epsilon=2"])` finds `configs/NAME.yaml` (or takes a
-path), applies dotted overrides and validates everything it can without data. Checks that need the data
-set (δ < 1/N, batch ≤ N) live in `check_against_dataset`, called before any training work.
-
-The `privacy` section defines the guarantee. The `performance` section holds settings that must never
-change the mechanism or the result beyond float rounding (micro-batch size, threads, feature caching).
+`load_config("fmnist_effnet_lite0", ["privacy.target_epsilon=2"])` finds `configs/NAME.yaml` (or takes a path),
+applies dotted overrides and validates all it can without data; `check_against_dataset` checks δ < 1/N and batch ≤ N.
+The `privacy` section defines the guarantee; `performance` settings never change it or the result beyond rounding.
 
 A setting that does nothing under the other choices of its section (`only_when` on the field: momentum but with sgd,
 mix_alpha but with mixes) is an error when written, even at its default value; a run's config.yaml leaves it out.
@@ -206,11 +203,9 @@ class PerformanceConfig:
     micro_batch_size: int = 256
     """Examples whose per-example gradients are held at once (gradient accumulation inside a step)."""
     engine: Literal["auto", "layerwise", "functorch"] = "auto"
-    """Per-example clipping engine. `layerwise`: ghost norms + book-keeping, one backward; exact for every layer
-    class it accepts (a registry of exact types: Linear, Conv2d, LayerNorm, GroupNorm, timm's norm+activation
-    layers, LayerScale, ViT tokens, ...) and refuses any other that owns a trainable parameter; `functorch`:
-    generic vmap of per-group gradients, exact as far as torch's vmap rules are (benchmarks/README.md: the zoo
-    coverage table, and XCiT, where it is not); `auto`: layerwise where it accepts the model, else functorch."""
+    """Per-example clipping engine. `layerwise`: ghost norms + book-keeping, one backward, for a registry of exact
+    layer types (any other owning a trainable parameter is refused); `functorch`: generic vmap of per-group gradients
+    (benchmarks/README.md: zoo coverage; XCiT is wrong there); `auto`: layerwise where it accepts the model."""
     eval_batch_size: int = 500
     """Images per forward pass when evaluating and when computing cached frozen features."""
     cache_frozen_features: bool = True
@@ -220,10 +215,9 @@ class PerformanceConfig:
     """`bf16`: forward/backward under bf16 autocast (GPUs); per-example norms, clipping, sums and noise stay fp32.
     Unlike the other settings here, bf16 changes results beyond fp32 rounding (never the guarantee)."""
     feature_cache_on_disk: bool = field(default=True, metadata=only_when(cache_frozen_features=True))
-    """Keep cached frozen features in data.cache_dir/features/, keyed by a digest of the model's weights, the
-    shards, the examples held and the prefix settings, so the next run on the same data and model (a sweep's) loads
-    them instead of recomputing: bit-identical. They derive from private data: the folder is as private as the
-    decoded shards beside it."""
+    """Keep cached frozen features in data.cache_dir/features/, keyed by a digest of the weights, shards, examples
+    and prefix settings, so the next run on the same data and model loads them (bit-identical). Private like the
+    decoded shards beside them."""
     feature_cache_max_gb: float = field(default=16.0, metadata=only_when(cache_frozen_features=True))
     """Refuse to cache frozen features larger than this per process (set cache_frozen_features=false)."""
     num_threads: int = 0
@@ -232,12 +226,9 @@ class PerformanceConfig:
     """Keep the model and its inputs in channels-last memory layout (EfficientNet-Lite0 at 32 px runs ~4x
     faster on these CPUs; results change only by float rounding)."""
     zero_stage: Literal[0, 1, 2] | None = None
-    """ZeRO data parallelism (README: ZeRO). 0: replicated, every rank holds the whole noised gradient and optimizer
-    state. 1: each rank owns 1/W of the flat trainable-parameter vector, adds the noise of exactly those coordinates
-    and keeps optimizer state for them only; parameters are all-gathered after the update. 2: as 1, and the clipped
-    sums are reduce-scattered (each rank receives only its shard of the sum) instead of all-reduced. None: the stage
-    of the accelerate DeepSpeed config the run was launched with (configs/accelerate/deepspeed_zero2.yaml), else 0.
-    The model equals stage 0's to float rounding; the guarantee is the same."""
+    """ZeRO (README: ZeRO): 0 replicated; 1 each rank noises, updates and keeps optimizer state for its 1/W of the
+    parameters; 2 as 1, with the clipped sums reduce-scattered. None: the launcher's accelerate DeepSpeed config's
+    stage, else 0. Same guarantee; the model equals stage 0's to float rounding."""
 
     def __post_init__(self) -> None:
         check_bounds("performance", self, micro_batch_size=">= 1", eval_batch_size=">= 1", num_threads=">= 0")

@@ -30,7 +30,7 @@ from dpmix_dist.privacy.guarantee import Guarantee, plan
 from dpmix_dist.privacy.layerwise import LayerwiseClipper, UnsupportedLayer
 from dpmix_dist.privacy.mechanism import PrivateGradient
 from dpmix_dist.privacy.sampling import sample_local
-from dpmix_dist.zero import ShardedOptimizer, mechanism_reduction, resolve_stage
+from dpmix_dist.zero import ReplicatedOptimizer, ShardedOptimizer, mechanism_reduction, resolve_stage
 
 NOT_PRIVATE_LOSS = "train_loss_not_private"  # the one unprotected value, only with tracking.log_train_loss=true
 
@@ -101,16 +101,11 @@ class Trainer:
         self.inputs = RunInputs(config, self.metadata, self.dp_model, dist)
         self._to_input = self.inputs.to_input
         self.zero_stage = resolve_stage(config.performance.zero_stage, dist)
-        self.zero: ShardedOptimizer | None = None
-        if self.zero_stage:
-            self.zero = ShardedOptimizer(
-                self.params, dist, lambda shard: build_optimizer(config.optim, shard, self.guarantee.steps)
-            )
-            self.optimizer, self.scheduler = self.zero.optimizer, self.zero.scheduler
-        else:
-            self.optimizer, self.scheduler = build_optimizer(
-                config.optim, list(self.params.values()), self.guarantee.steps
-            )
+        build = lambda tensors: build_optimizer(config.optim, tensors, self.guarantee.steps)  # noqa: E731
+        unflatten = lambda flat: self.mechanism.unflatten(flat)  # noqa: E731 (the mechanism is built below)
+        zero = ShardedOptimizer(self.params, dist, build) if self.zero_stage else None
+        self.update = zero or ReplicatedOptimizer(self.params, unflatten, build)  # optimizer + schedule, maybe sharded
+        self.optimizer, self.scheduler = self.update.optimizer, self.update.scheduler
 
         self.mechanism = PrivateGradient(
             {name: p.shape for name, p in self.params.items()},
@@ -191,13 +186,7 @@ class Trainer:
             self._loss_acc[0] += loss_sum
             self._loss_acc[1] += len(sampled)
         flat = self.mechanism.finish_step()  # this rank's shard of the noised gradient (all of it unless ZeRO)
-        if self.zero is not None:
-            self.zero.step(flat)
-        else:
-            for name, grad in self.mechanism.unflatten(flat).items():
-                self.params[name].grad = grad.to(self.params[name].dtype)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        self.update.step(flat)
         self.scheduler.step()
         self.step += 1
 
@@ -320,7 +309,7 @@ class Trainer:
         """A private artifact (it holds the secret seed), written by the main process (checkpoint.py). The optimizer
         state is saved in the replicated layout (under ZeRO gathered from the shards, a collective), so a checkpoint
         resumes at any ZeRO stage and world size."""
-        optimizer_state = self.zero.full_state_dict() if self.zero is not None else self.optimizer.state_dict()
+        optimizer_state = self.update.full_state_dict()
         self.dist.on_main(
             lambda: checkpoint.save(
                 self.output_dir,
@@ -349,11 +338,8 @@ class Trainer:
         with torch.no_grad():
             for name, value in state.model.items():
                 self.params[name].copy_(value)
-        if self.zero is not None:
-            self.zero.sync_from_params()
-            self.zero.load_full_state_dict(state.optimizer)
-        else:
-            self.optimizer.load_state_dict(state.optimizer)
+        self.update.sync_from_params()
+        self.update.load_full_state_dict(state.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
         self.step, self.history = state.step, state.history
         self.mechanism.resume_after(self.step - 1)

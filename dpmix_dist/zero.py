@@ -45,6 +45,29 @@ def mechanism_reduction(stage: int, dist: Distributed) -> dict:
     return {"reduce_scatter_sum": dist.reduce_scatter_sum, "shard_index": dist.rank}
 
 
+class ReplicatedOptimizer:
+    """Stage 0, the same interface as `ShardedOptimizer`: every rank updates the whole vector."""
+
+    def __init__(self, params: dict[str, torch.Tensor], unflatten: Callable, build: BuildOptimizer) -> None:
+        self.params, self._unflatten = params, unflatten
+        self.optimizer, self.scheduler = build(list(params.values()))
+
+    def step(self, grad: torch.Tensor) -> None:
+        for name, g in self._unflatten(grad).items():
+            self.params[name].grad = g.to(self.params[name].dtype)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def sync_from_params(self) -> None:
+        pass  # the optimizer updates the parameters themselves
+
+    def full_state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_full_state_dict(self, full: dict) -> None:
+        self.optimizer.load_state_dict(full)
+
+
 class ShardedOptimizer:
     """The optimizer of this rank's shard of `params` (name -> parameter, in the mechanism's flat order).
 

@@ -15,6 +15,7 @@ import pytest
 from conftest import REPO, offline_env
 
 from dpmix_dist.testing.datagen import make_fashion_mnist_idx
+from dpmix_dist.zero import ShardedOptimizer
 
 
 def _prepare(root: Path, num_train: int) -> Path:
@@ -116,8 +117,8 @@ def test_a_zero_checkpoint_resumes_replicated_and_a_replicated_one_under_zero(ch
             trainer.train_step(trainer.train_store)
         trainer._save_checkpoint()
         runs[stage] = trainer
-    assert runs[1].zero is not None and runs[0].zero is None
-    full, plain = runs[1].zero.full_state_dict(), runs[0].optimizer.state_dict()
+    assert isinstance(runs[1].update, ShardedOptimizer) and not isinstance(runs[0].update, ShardedOptimizer)
+    full, plain = runs[1].update.full_state_dict(), runs[0].optimizer.state_dict()
     assert full["param_groups"] == plain["param_groups"] and full["state"].keys() == plain["state"].keys()
     for i, state in plain["state"].items():
         for key, value in state.items():
