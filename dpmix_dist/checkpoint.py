@@ -136,6 +136,8 @@ def _load_verified(path: Path) -> dict:
     )
     try:
         raw = torch.load(path, map_location="cpu", weights_only=False)  # optimizer.load_state_dict moves it
+    except OSError:  # unreadable (permissions, I/O): not a statement about the content
+        raise
     except Exception as exc:  # a truncated or overwritten file fails in the zip or pickle reader
         raise CorruptCheckpoint(f"--resume: {path} cannot be read ({str(exc)[:200]}): {fix}") from None
     recorded = raw.pop("sha256", None) if isinstance(raw, dict) else None
