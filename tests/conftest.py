@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,6 +69,12 @@ def offline_env(**extra: str | None) -> dict[str, str]:
         else:
             env[key] = value
     return env
+
+
+def prepare_data(*args: str) -> None:
+    """`launch/prepare_data.py ARGS`, the real command, offline; the test fails if it does."""
+    cmd = [sys.executable, "launch/prepare_data.py", *args]
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, env=offline_env())
 
 
 # ---------------------------------------------------------------------------------------------- the tiny model

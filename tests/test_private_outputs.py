@@ -12,12 +12,10 @@ from __future__ import annotations
 import argparse
 import re
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, offline_env
+from conftest import prepare_data
 
 from dpmix_dist.testing.datagen import make_fashion_mnist_idx
 
@@ -29,24 +27,16 @@ NUMBER = re.compile(r"-?\d+\.\d{3,}(?:[eE][-+]?\d+)?")
 def private_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pv")
     raw = make_fashion_mnist_idx(root / "idx", num_train=200, num_test=40)
-    subprocess.run(
-        [
-            sys.executable,
-            "launch/prepare_data.py",
-            "fashion_mnist",
-            "--source",
-            str(raw),
-            "--out",
-            str(root / "priv"),
-            "--public-out",
-            str(root / "pub"),
-            "--public-count",
-            "40",
-        ],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-        env=offline_env(),
+    prepare_data(
+        "fashion_mnist",
+        "--source",
+        str(raw),
+        "--out",
+        str(root / "priv"),
+        "--public-out",
+        str(root / "pub"),
+        "--public-count",
+        "40",
     )
     return root / "priv"
 

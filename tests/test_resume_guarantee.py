@@ -7,12 +7,10 @@ resume went on silently and accounted the old steps under the new plan.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, offline_env
+from conftest import prepare_data
 
 from dpmix_dist.testing.datagen import make_fashion_mnist_idx
 from dpmix_dist.zero import ShardedOptimizer
@@ -20,25 +18,17 @@ from dpmix_dist.zero import ShardedOptimizer
 
 def _prepare(root: Path, num_train: int) -> Path:
     raw = make_fashion_mnist_idx(root / f"idx{num_train}", num_train=num_train, num_test=40)
-    subprocess.run(
-        [
-            sys.executable,
-            "launch/prepare_data.py",
-            "fashion_mnist",
-            "--source",
-            str(raw),
-            "--out",
-            str(root / "priv"),
-            "--public-out",
-            str(root / "pub"),
-            "--public-count",
-            "40",
-            "--overwrite",
-        ],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-        env=offline_env(),
+    prepare_data(
+        "fashion_mnist",
+        "--source",
+        str(raw),
+        "--out",
+        str(root / "priv"),
+        "--public-out",
+        str(root / "pub"),
+        "--public-count",
+        "40",
+        "--overwrite",
     )
     return root / "priv"
 

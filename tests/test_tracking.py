@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, free_port, offline_env
+from conftest import REPO, free_port, offline_env, prepare_data
 from safetensors.torch import load_file
 
 from dpmix_dist.testing.datagen import make_fashion_mnist_idx
@@ -32,24 +32,16 @@ def _env() -> dict[str, str]:
 def data(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("trk")
     raw = make_fashion_mnist_idx(root / "idx", num_train=240, num_test=60)
-    subprocess.run(
-        [
-            sys.executable,
-            "launch/prepare_data.py",
-            "fashion_mnist",
-            "--source",
-            str(raw),
-            "--out",
-            str(root / "priv"),
-            "--public-out",
-            str(root / "pub"),
-            "--public-count",
-            "40",
-        ],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-        env=offline_env(),
+    prepare_data(
+        "fashion_mnist",
+        "--source",
+        str(raw),
+        "--out",
+        str(root / "priv"),
+        "--public-out",
+        str(root / "pub"),
+        "--public-count",
+        "40",
     )
     return root / "priv", root / "pub"
 

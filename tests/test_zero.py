@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, free_port, offline_env
+from conftest import REPO, free_port, offline_env, prepare_data
 from safetensors.torch import load_file
 
 from dpmix_dist.privacy.noise import gaussian_noise_slice
@@ -51,13 +51,7 @@ def shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
     raw = make_fashion_mnist_idx(root / "idx", num_train=240, num_test=60)
     out = root / "shards"
-    subprocess.run(
-        [sys.executable, "launch/prepare_data.py", "fashion_mnist", "--source", str(raw), "--out", str(out)],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-        env=offline_env(),
-    )
+    prepare_data("fashion_mnist", "--source", str(raw), "--out", str(out))
     return out
 
 
