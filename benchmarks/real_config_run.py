@@ -85,6 +85,9 @@ def main() -> int:
             1,
         ),
         "wall_seconds": round(wall, 1),
+        "zero_stage": summary["zero_stage"],
+        "optimizer_state_bytes_per_rank": summary["optimizer_state_bytes_per_rank"],
+        "peak_device_memory_bytes": summary.get("peak_device_memory_bytes"),  # GPU runs only
         "epsilon": summary["epsilon"],
     }
     print(json.dumps(result))

@@ -10,6 +10,13 @@ value, in order), checked before anything in it is used: torch.load reads a flip
 complaint, and a resume from a damaged file would go on with a model or a step count that no accounted run produced.
 Inside the file rather than beside it, so that the one rename that publishes a checkpoint publishes its checksum too.
 
+Under ZeRO (stages 1, 2) each rank writes its shard of the optimizer state to its own file
+(`optimizer-shard-RANK-of-W-stepS.pt`, checksummed inside the same way) and `checkpoint.pt` names those files with
+their coordinate bounds and SHA-256: the shards are written first, then `checkpoint.pt` is renamed into place, then
+the shard files it no longer names are removed, so a crash at any point leaves a checkpoint whose files all exist.
+A resume reads the shard files covering the coordinates its rank now owns (its own file at the same world size; at
+another, the overlapping ones). All ranks read the run folder: on several nodes it must be a shared filesystem.
+
 It records the noise stream too: a checkpoint of a version that drew the noise differently is refused (its steps
 and the resumed ones would come from two streams, whose independence nothing guarantees).
 """
@@ -29,10 +36,12 @@ from safetensors.torch import save_file
 from dpmix_dist import summary as summary_json
 from dpmix_dist.config import Config, config_to_dict
 from dpmix_dist.data.shards import shards_digest
+from dpmix_dist.distributed import Distributed
 from dpmix_dist.privacy.guarantee import Guarantee
 from dpmix_dist.privacy.noise import NOISE_STREAM_VERSION
 
 CHECKPOINT = "checkpoint.pt"
+SHARD_PREFIX = "optimizer-shard-"
 _FIELDS = ("step", "secret_seed", "guarantee", "model", "optimizer", "scheduler", "history")
 
 
@@ -115,21 +124,71 @@ def content_sha256(content: dict) -> str:
     return digest.hexdigest()
 
 
-def save(output_dir: Path, state: State) -> None:
-    content = {**{k: getattr(state, k) for k in _FIELDS}, "config": state.settings}  # no asdict: it copies tensors
+def _save_private(path: Path, content: dict) -> str:
+    """`content` and its SHA-256 to `path`: mode 0600, atomic, on disk before the rename. Returns the SHA-256."""
+    digest = content_sha256(content)
 
     def write(tmp: Path) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
-            torch.save({**content, "sha256": content_sha256(content)}, f)
+            torch.save({**content, "sha256": digest}, f)
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename publishes it: a crash leaves the old or the new one
 
-    atomic_write(output_dir / CHECKPOINT, write)
+    atomic_write(path, write)
+    return digest
 
 
-def _load_verified(path: Path) -> dict:
-    """The checkpoint's content, after checking its SHA-256; `CorruptCheckpoint` names the file and the fix."""
+def save(output_dir: Path, state: State) -> None:
+    _save_private(output_dir / CHECKPOINT, {**{k: getattr(state, k) for k in _FIELDS}, "config": state.settings})
+
+
+def save_optimizer_shard(output_dir: Path, step: int, dist: Distributed, shard: dict) -> dict:
+    """Every rank: write this rank's optimizer shard (`ShardedOptimizer.shard_state`) to its own file, and return
+    the manifest of all ranks' files (bounds, SHA-256) that `checkpoint.pt` records as its optimizer state."""
+    name = f"{SHARD_PREFIX}{{:04d}}-of-{dist.world_size:04d}-step{step:09d}.pt"
+    digest = _save_private(output_dir / name.format(dist.rank), shard)
+    row = torch.tensor([shard["start"], shard["stop"], *bytes.fromhex(digest)], dtype=torch.int64, device=dist.device)
+    rows = dist.all_gather_rows(row).tolist()  # also the barrier: every shard is on disk before checkpoint.pt names it
+    return {
+        "zero_shards": [
+            {"file": name.format(rank), "start": r[0], "stop": r[1], "sha256": bytes(r[2:]).hex()}
+            for rank, r in enumerate(rows)
+        ]
+    }
+
+
+def load_optimizer_shards(output_dir: Path, manifest: dict, start: int, stop: int) -> list[dict]:
+    """The shard states of a ZeRO checkpoint's `manifest` that overlap coordinates [start, stop), each checked
+    against its own checksum and the one `checkpoint.pt` recorded for it."""
+    shards = []
+    for entry in manifest["zero_shards"]:
+        if entry["stop"] <= start or entry["start"] >= stop:
+            continue
+        path = output_dir / entry["file"]
+        if not path.is_file():
+            raise CorruptCheckpoint(
+                f"--resume: {output_dir / CHECKPOINT} names the optimizer shard {entry['file']}, which is missing: "
+                f"copy every {SHARD_PREFIX}* file with the checkpoint (on several nodes the run folder must be shared)"
+            )
+        shards.append(_load_verified(path, expected=entry["sha256"]))
+    return shards
+
+
+def is_sharded(optimizer_state: dict) -> bool:
+    return "zero_shards" in optimizer_state
+
+
+def remove_stale_shards(output_dir: Path, keep: set[str]) -> None:
+    """Delete the optimizer shard files (and unfinished ones) that the current checkpoint does not name."""
+    for path in output_dir.glob(f"*{SHARD_PREFIX}*"):
+        if path.name not in keep:
+            path.unlink(missing_ok=True)
+
+
+def _load_verified(path: Path, expected: str | None = None) -> dict:
+    """A checkpoint file's content, after checking its SHA-256 (and that it is `expected`, the one the checkpoint
+    recorded for it, when given); `CorruptCheckpoint` names the file and the fix."""
     fix = (
         "it was damaged after it was written (disk, copy, transfer). Restore it from a good copy, or start the run "
         "again in a new --output-dir"
@@ -148,6 +207,10 @@ def _load_verified(path: Path) -> dict:
         )
     if content_sha256(raw) != recorded:
         raise CorruptCheckpoint(f"--resume: {path} does not match the SHA-256 recorded in it: {fix}")
+    if expected is not None and recorded != expected:
+        raise CorruptCheckpoint(
+            f"--resume: {path} is not the file {CHECKPOINT} recorded (another checkpoint's shard): {fix}"
+        )
     return raw
 
 
@@ -205,6 +268,7 @@ def write_outputs(output_dir: Path, model: torch.nn.Module, summary: dict) -> No
     atomic_write(output_dir / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
     atomic_write(output_dir / "summary.json", lambda p: p.write_text(summary_json.dumps(summary)))
     (output_dir / CHECKPOINT).unlink(missing_ok=True)
+    remove_stale_shards(output_dir, keep=set())
 
 
 class Interrupted(Exception):

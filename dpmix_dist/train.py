@@ -292,6 +292,7 @@ class Trainer:
             "num_train_examples": self.num_train,
             "trainable_parameters": sum(p.numel() for p in self.params.values()),
             "train_seconds": round(seconds, 1),
+            **self._peak_device_memory(),
             "history": self.history,
         }
         self.dist.on_main(checkpoint.write_outputs, self.output_dir, self.dp_model.model, summary)
@@ -300,16 +301,26 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ resume
 
+    def _peak_device_memory(self) -> dict:
+        """On a GPU, the largest peak of allocated memory any rank reached (a size, not data: public)."""
+        if self.dist.device.type != "cuda":
+            return {}
+        peak = torch.tensor([torch.cuda.max_memory_allocated(self.dist.device)], device=self.dist.device)
+        return {"peak_device_memory_bytes": int(self.dist.all_gather_rows(peak).max().item())}
+
     def _optimizer_state_bytes_per_rank(self) -> int:
         """The largest optimizer state any rank holds (a size, not data: public)."""
         held = torch.tensor([optimizer_state_bytes(self.optimizer)], dtype=torch.int64, device=self.dist.device)
         return int(self.dist.all_gather_rows(held).max().item())
 
     def _save_checkpoint(self) -> None:
-        """A private artifact (it holds the secret seed), written by the main process (checkpoint.py). The optimizer
-        state is saved in the replicated layout (under ZeRO gathered from the shards, a collective), so a checkpoint
-        resumes at any ZeRO stage and world size."""
-        optimizer_state = self.update.full_state_dict()
+        """A private artifact (it holds the secret seed), written by the main process (checkpoint.py); under ZeRO
+        each rank first writes its optimizer shard, and the shard files the new checkpoint replaces go after it."""
+        if self.zero_stage:
+            shard = self.update.shard_state()
+            optimizer_state = checkpoint.save_optimizer_shard(self.output_dir, self.step, self.dist, shard)
+        else:
+            optimizer_state = self.update.full_state_dict()
         self.dist.on_main(
             lambda: checkpoint.save(
                 self.output_dir,
@@ -325,6 +336,9 @@ class Trainer:
                 ),
             )
         )
+        self.dist.barrier()  # checkpoint.pt is in place: the files it no longer names can go
+        keep = {entry["file"] for entry in optimizer_state.get("zero_shards", [])}
+        self.dist.on_main(checkpoint.remove_stale_shards, self.output_dir, keep)
 
     def _resume_record(self) -> dict:
         train_shards = self.metadata["splits"]["train"]["shards"]
@@ -339,7 +353,11 @@ class Trainer:
             for name, value in state.model.items():
                 self.params[name].copy_(value)
         self.update.sync_from_params()
-        self.update.load_full_state_dict(state.optimizer)
+        if checkpoint.is_sharded(state.optimizer):  # the shard files covering what this rank now updates
+            bounds = (self.update.start, self.update.stop)
+            self.update.load_shards(checkpoint.load_optimizer_shards(self.output_dir, state.optimizer, *bounds))
+        else:
+            self.update.load_full_state_dict(state.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
         self.step, self.history = state.step, state.history
         self.mechanism.resume_after(self.step - 1)

@@ -7,8 +7,10 @@ optimizer state per rank is 1/W of the replicated one; after each update the sha
 parameters, which every rank holds whole (ZeRO-3 would shard those too; not implemented). The optimizers built by
 `optim.build_optimizer` are elementwise, so updating a shard equals updating the whole and slicing.
 
-Checkpoints hold the optimizer state in the replicated layout (per parameter, gathered here): a run checkpointed at
-one ZeRO stage or world size resumes at any other.
+Checkpoints: each rank writes its own shard of the optimizer state (`shard_state`, in the flat layout, with its
+[start, stop) bounds) to its own file; nothing is gathered. A resume at the same world size reads only its own file;
+at another world size or stage, each rank reads every shard file and takes the part it now owns (`load_shards`), so a
+run checkpointed at one ZeRO stage or world size resumes at any other, holding the whole state briefly while it does.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class ReplicatedOptimizer:
     def __init__(self, params: dict[str, torch.Tensor], unflatten: Callable, build: BuildOptimizer) -> None:
         self.params, self._unflatten = params, unflatten
         self.optimizer, self.scheduler = build(list(params.values()))
+        self.start, self.stop = 0, sum(p.numel() for p in params.values())  # the coordinates it updates: all
 
     def step(self, grad: torch.Tensor) -> None:
         for name, g in self._unflatten(grad).items():
@@ -66,6 +69,10 @@ class ReplicatedOptimizer:
 
     def load_full_state_dict(self, full: dict) -> None:
         self.optimizer.load_state_dict(full)
+
+    def load_shards(self, shards: list[dict]) -> None:
+        """Load the shard states of a ZeRO checkpoint (all of them: this rank updates every coordinate)."""
+        self.load_full_state_dict(replicated_from_shards(shards, [p.shape for p in self.params.values()]))
 
 
 class ShardedOptimizer:
@@ -117,25 +124,21 @@ class ShardedOptimizer:
 
     # ------------------------------------------------------------------------------------- checkpoints
 
-    def full_state_dict(self) -> dict:
-        """The optimizer state as a replicated optimizer over `params` would hold it (a collective: every rank)."""
+    def shard_state(self) -> dict:
+        """This rank's part of the optimizer state, flat, with its bounds: what its checkpoint shard file holds."""
         sd = self.optimizer.state_dict()
-        flat_state = sd["state"].get(0, {})
-        gathered = {k: self._gather(v) for k, v in flat_state.items() if _is_t(v) and v.shape == self.master.shape}
-        state, offset = {}, 0
-        for i, p in enumerate(self.params.values()):
-            state[i] = {
-                k: gathered[k][offset : offset + p.numel()].view_as(p).clone()
-                if k in gathered
-                else (v.clone() if _is_t(v) else v)
-                for k, v in flat_state.items()
-            }
-            offset += p.numel()
-        groups = [{**g, "params": list(range(len(self.params)))} for g in sd["param_groups"]]
-        return {"state": state if flat_state else {}, "param_groups": groups}
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
+        state = sd["state"].get(0, {})
+        return {"numel": self.numel, "start": self.start, "stop": self.stop, "state": state, "param_groups": groups}
+
+    def load_shards(self, shards: list[dict]) -> None:
+        """Load this rank's bounds from shard states (`shard_state` of a run at any world size) that cover them."""
+        flat_state, groups = _cover(shards, self.numel, self.start, self.stop)
+        groups = [{**g, "params": [0]} for g in groups]
+        self.optimizer.load_state_dict({"state": {0: flat_state} if flat_state else {}, "param_groups": groups})
 
     def load_full_state_dict(self, full: dict) -> None:
-        """Load a replicated-layout state (`full_state_dict`, or a stage-0 optimizer's) for this rank's shard."""
+        """Load a replicated-layout state (a stage-0 optimizer's) for this rank's shard."""
         shapes = [p.shape for p in self.params.values()]
         flat_state = {}
         if full["state"]:
@@ -150,6 +153,48 @@ class ShardedOptimizer:
                     flat_state[key] = first
         groups = [{**g, "params": [0]} for g in full["param_groups"]]
         self.optimizer.load_state_dict({"state": {0: flat_state} if flat_state else {}, "param_groups": groups})
+
+
+def replicated_from_shards(shards: list[dict], shapes: list[torch.Size]) -> dict:
+    """A replicated (per-parameter) optimizer state dict from the shard states of a ZeRO run that cover every
+    coordinate: how a stage-0 run resumes a ZeRO checkpoint."""
+    numel = sum(s.numel() for s in shapes)
+    flat_state, groups = _cover(shards, numel, 0, numel)
+    state, offset = {}, 0
+    for i, shape in enumerate(shapes):
+        n = shape.numel()
+        state[i] = {  # each parameter its own step tensor: Adam increments it in place, once per parameter
+            k: (v[offset : offset + n].view(shape) if v.dim() == 1 and k != "step" else v).clone() if _is_t(v) else v
+            for k, v in flat_state.items()
+        }
+        offset += n
+    groups = [{**g, "params": list(range(len(shapes)))} for g in groups]
+    return {"state": state if flat_state else {}, "param_groups": groups}
+
+
+def _cover(shards: list[dict], numel: int, start: int, stop: int) -> tuple[dict, list]:
+    """The flat optimizer state of coordinates [start, stop) cut from shard states, and their param groups.
+    Refuses shards of another parameter vector or that leave a gap (a missing or foreign shard file)."""
+    if any(sh["numel"] != numel for sh in shards):
+        raise ValueError(f"the checkpoint's optimizer shards are of {shards[0]['numel']} coordinates, not {numel}")
+    shards = sorted(shards, key=lambda sh: sh["start"])
+    pieces, at = [], start
+    for sh in shards:
+        if sh["stop"] <= at or sh["start"] >= stop:
+            continue
+        if sh["start"] > at:
+            break
+        pieces.append((sh, at - sh["start"], min(sh["stop"], stop) - sh["start"]))
+        at = min(sh["stop"], stop)
+    if at < stop or not pieces:
+        raise ValueError(f"the checkpoint's optimizer shards do not cover coordinates [{at}, {stop})")
+    flat_state = {}
+    for key, first in pieces[0][0]["state"].items():
+        if key != "step" and _is_t(first) and first.dim() == 1:
+            flat_state[key] = torch.cat([sh["state"][key][lo:hi] for sh, lo, hi in pieces]).clone()
+        else:
+            flat_state[key] = first  # the step count (the same on every shard)
+    return flat_state, pieces[0][0]["param_groups"]
 
 
 def _is_t(value: object) -> bool:

@@ -96,10 +96,15 @@ def test_resume_of_a_checkpoint_from_the_old_noise_stream_is_refused(checkpointe
 
 
 def test_a_zero_checkpoint_resumes_replicated_and_a_replicated_one_under_zero(checkpointed, tmp_path):
-    """The checkpoint holds the optimizer state in the replicated layout (ZeRO gathers its shards): a stage-1 run and
-    a stage-0 run take the same steps, write the same state, and each resumes under the other stage to the same next
-    step (one process: the shard is the whole vector, the code path is ZeRO's)."""
+    """A stage-1 run writes its optimizer state as a shard file named (with its SHA-256) in checkpoint.pt; a stage-0
+    run writes it in checkpoint.pt itself. The two take the same steps and hold the same state, and each resumes
+    under the other stage to the same next step (one process: the shard is the whole vector, the code path is
+    ZeRO's). A missing shard file, or one from another checkpoint, is refused naming the file."""
+    import shutil
+
     import torch
+
+    from dpmix_dist.checkpoint import CorruptCheckpoint
 
     root, _ = checkpointed
     adam = ["optim.name=adam", "optim.lr=0.01", "optim.momentum=null"]
@@ -112,11 +117,14 @@ def test_a_zero_checkpoint_resumes_replicated_and_a_replicated_one_under_zero(ch
         trainer._save_checkpoint()
         runs[stage] = trainer
     assert isinstance(runs[1].update, ShardedOptimizer) and not isinstance(runs[0].update, ShardedOptimizer)
-    full, plain = runs[1].update.full_state_dict(), runs[0].optimizer.state_dict()
-    assert full["param_groups"] == plain["param_groups"] and full["state"].keys() == plain["state"].keys()
-    for i, state in plain["state"].items():
-        for key, value in state.items():
-            assert torch.allclose(full["state"][i][key], value, atol=1e-7), (i, key)
+    assert [p.name for p in (tmp_path / "1").glob("optimizer-shard-*")] == [
+        "optimizer-shard-0000-of-0001-step000000002.pt"
+    ]
+    assert not list((tmp_path / "0").glob("optimizer-shard-*"))
+    shard, plain = runs[1].update.shard_state(), runs[0].optimizer.state_dict()
+    for key in ("exp_avg", "exp_avg_sq"):
+        flat = torch.cat([plain["state"][i][key].reshape(-1) for i in sorted(plain["state"])])
+        assert torch.allclose(shard["state"][key], flat, atol=1e-7), key
     runs[0].train_step(runs[0].train_store)  # the reference for step 3
     for written, other in ((1, 0), (0, 1)):
         resumed = _trainer(root, tmp_path / str(written), *adam, f"performance.zero_stage={other}")
@@ -125,6 +133,24 @@ def test_a_zero_checkpoint_resumes_replicated_and_a_replicated_one_under_zero(ch
         resumed.train_step(resumed.train_store)
         for name, param in resumed.params.items():
             assert torch.allclose(param, runs[0].params[name], atol=1e-6), (written, other, name)
+
+    shard_file = next((tmp_path / "1").glob("optimizer-shard-*"))
+    runs[1].train_step(runs[1].train_store)
+    runs[1]._save_checkpoint()  # step 3: a new shard file, and the step-2 one removed once checkpoint.pt names it
+    newer = next((tmp_path / "1").glob("optimizer-shard-*"))
+    assert newer.name.endswith("step000000003.pt") and not shard_file.exists()
+    shutil.copy(newer, tmp_path / "newer")
+    newer.unlink()
+    with pytest.raises(CorruptCheckpoint, match=rf"names the optimizer shard {newer.name}, which is missing"):
+        _trainer(root, tmp_path / "1", *adam, "performance.zero_stage=1").resume()
+    from dpmix_dist.checkpoint import content_sha256
+
+    other = torch.load(tmp_path / "newer", weights_only=False)
+    other["state"]["exp_avg"] = other["state"]["exp_avg"] + 1  # a shard of another run, checksummed correctly
+    del other["sha256"]
+    torch.save({**other, "sha256": content_sha256(other)}, newer)
+    with pytest.raises(CorruptCheckpoint, match=r"is not the file checkpoint.pt recorded"):
+        _trainer(root, tmp_path / "1", *adam, "performance.zero_stage=1").resume()
 
 
 def test_resume_on_a_rewritten_data_folder_is_refused(checkpointed):

@@ -150,3 +150,69 @@ def test_zero_gradients_release_pure_noise_on_every_coordinate_once(tmp_path, wo
     for r in range(world_size):  # each rank's shard alone: the same std (0 or √2 times it would show)
         part = released[:, r * width : (r + 1) * width].double()
         assert abs(part.std().item() / expected_std - 1) < 5 / (2 * part.numel()) ** 0.5
+
+
+SHARDED_RESUME = """
+import shutil, sys, torch
+from pathlib import Path
+from dpmix_dist.config import load_config
+from dpmix_dist.distributed import Distributed
+from dpmix_dist.train import Trainer
+
+data, root, mode, stage = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+overrides = [f"data.root={data}", f"data.cache_dir={root / 'cache'}", "optim.name=adam", "optim.lr=0.01",
+             "optim.momentum=null", "privacy.epochs=2", f"performance.zero_stage={stage}"]
+with Distributed(cpu=True) as dist:
+    def trainer(out):
+        if dist.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        return Trainer(load_config("tiny_test", overrides), dist, out, secret_seed=77)
+    if mode == "straight_and_checkpoint":
+        trainer(root / "straight").train()
+        t = trainer(root / "stopped")
+        for _ in range(3):
+            t.train_step(t.train_store)
+        t._save_checkpoint()
+    else:  # resume a copy of the stopped run at this world size and stage
+        if dist.is_main:
+            shutil.copytree(root / "stopped", root / mode)
+        t = trainer(root / mode)
+        t.resume()
+        assert t.step == 3
+        t.train()
+"""
+
+
+def test_zero_checkpoints_are_one_shard_file_per_rank_and_resume_at_any_world_size(shards, tmp_path):
+    """ZeRO-2 at W = 2: each rank writes its own optimizer shard (nothing is gathered), `checkpoint.pt` names both
+    files; resumed at W = 2 the run ends bit-identical to an uninterrupted one, and resumed at W = 3 (ranks whose
+    coordinates straddle the two files) or W = 1 replicated, equal to float tolerance."""
+    script = tmp_path / "sharded_resume.py"
+    script.write_text(SHARDED_RESUME)
+
+    def launch(world_size: int, mode: str, stage: int) -> None:
+        cmd = _launch(world_size) + [str(script), str(shards), str(tmp_path), mode, str(stage)]
+        proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    launch(2, "straight_and_checkpoint", 2)
+    stopped = tmp_path / "stopped"
+    files = sorted(p.name for p in stopped.glob("optimizer-shard-*"))
+    assert files == [f"optimizer-shard-{r:04d}-of-0002-step000000003.pt" for r in range(2)]
+    manifest = torch.load(stopped / "checkpoint.pt", weights_only=False)["optimizer"]["zero_shards"]
+    numel = manifest[-1]["stop"]
+    assert [(e["file"], e["start"]) for e in manifest] == [(files[0], 0), (files[1], manifest[0]["stop"])]
+    for entry in manifest:  # each file holds its own rank's Adam moments only
+        shard = torch.load(stopped / entry["file"], weights_only=False)
+        assert shard["state"]["exp_avg"].numel() == entry["stop"] - entry["start"] <= -(-numel // 2)
+
+    launch(2, "resumed_w2", 2)
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed_w2" / "model.safetensors")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert not list((tmp_path / "resumed_w2").glob("optimizer-shard-*"))  # a finished run keeps no private state
+    launch(3, "resumed_w3", 2)
+    launch(1, "resumed_w1", 0)
+    for other in ("resumed_w3", "resumed_w1"):
+        _assert_same_model(tmp_path / "straight", tmp_path / other)
