@@ -67,15 +67,15 @@ def probe(trainer, setup_seconds: float) -> Probe:
     prefix, tail = trainer.dp_model.cut.prefix, trainer.dp_model.cut.tail
     batch = min(config.performance.eval_batch_size, PROBE_IMAGES)
     with torch.no_grad():
-        prefix(inputs.to_input(_random_images(2, shape, generator)))  # warm-up (lazy initialisation, allocator)
         images = _random_images(batch, shape, generator)
+        prefix(inputs.to_input(images))  # warm-up: lazy initialisation, and kernels chosen for this shape
         prefix_seconds, features = _timed(lambda: prefix(inputs.to_input(images)), device)
         tail(features)
         tail_seconds, _ = _timed(lambda: tail(features), device)
     eval_per_image = (tail_seconds if inputs.caches(config.data.eval_split) else prefix_seconds + tail_seconds) / batch
 
-    # One step as train_step takes it, on a store of random images: a warm-up micro-batch of two examples, then one
-    # micro-batch of the size the run's steps will use.
+    # Two steps as train_step takes them, on a store of random images, each one micro-batch of the size the run's
+    # steps use; the first is a warm-up (as above), the second is timed.
     count = max(1, min(config.performance.micro_batch_size, math.ceil(examples_per_rank(trainer))))
     num_classes = trainer.metadata["num_classes"]
     labels = torch.randint(0, num_classes, (count,), generator=generator).numpy()
@@ -87,14 +87,11 @@ def probe(trainer, setup_seconds: float) -> Probe:
         cache_features=inputs.caches("train"),
         batch_size=config.performance.eval_batch_size,
     )
-    mechanism = trainer.mechanism
-    timings = []
-    for step, chunk in enumerate((torch.arange(min(2, count)), torch.arange(count))):
+    mechanism, chunk = trainer.mechanism, torch.arange(count)
+    for step in range(2):  # the second one's times count
         mechanism.begin_step(step)
-        accumulate_seconds, _ = _timed(lambda: trainer.accumulate(store, chunk), device)  # noqa: B023
+        accumulate_seconds, _ = _timed(lambda: trainer.accumulate(store, chunk), device)
         finish_seconds, _ = _timed(lambda: trainer.update.step(mechanism.finish_step()), device)
-        timings.append((accumulate_seconds, finish_seconds))
-    accumulate_seconds, finish_seconds = timings[-1]
     return Probe(
         setup_seconds=setup_seconds,
         prefix_seconds_per_image=prefix_seconds / batch,

@@ -146,7 +146,9 @@ def _train(config, args: argparse.Namespace, dist, output_dir: Path, started: fl
                 "stop signal received while logging the finished run to MLflow; the record was completed first",
                 file=sys.stderr,
             )
-    dist.print(json.dumps({k: v for k, v in summary.items() if k not in ("history", "classes")}, indent=2))
+    dist.print(
+        json.dumps({k: v for k, v in summary.items() if k not in ("history", "classes", "image_shape")}, indent=2)
+    )
     dist.print(
         f"done in {time.time() - started:.0f} s (data, model and features included): {summary['eval_split']} "
         f"accuracy {summary[trainer.accuracy_key]:.4f} at ε={summary['epsilon']:.3f}, δ={summary['delta']:g}; "
