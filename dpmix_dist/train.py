@@ -135,7 +135,10 @@ class Trainer:
         # sampled private data, without noise: never computed, shown or stored unless asked for (contract item 9).
         self._loss_acc = [0.0, 0] if config.tracking.log_train_loss else None
         # Decoding shards and caching features happen here, so a corrupt shard fails before any output is written.
-        self.inputs.load() if load_data else self.inputs.check()
+        if load_data:
+            self.inputs.load()
+        else:
+            self.inputs.check()
         self.groups, self.train_store, self.eval_store = self.inputs.groups, self.inputs.train, self.inputs.eval
         self.synthetic_store = self.inputs.synthetic
 

@@ -125,13 +125,21 @@ def test_plan_announces_the_guarantee_the_run_records(planned_run):
     assert plan["evaluations"] == len(summary["history"])
 
 
-def test_plan_fails_on_a_bad_setting_as_the_run_does(base, tmp_path):
-    bad = "privacy.target_delta=0.01"  # ≥ 1/N: found only once N is read from the data folder
+@pytest.mark.parametrize(
+    "bad, needle",
+    [
+        ("privacy.target_delta=0.01", "privacy.target_delta"),  # ≥ 1/N: found once N is read from the metadata
+        # found with the model built: the features of one example × the examples held (a mid-grey image's size)
+        ("performance.feature_cache_max_gb=1e-6", "feature_cache_max_gb"),
+    ],
+    ids=["delta", "feature_cache"],
+)
+def test_plan_fails_on_a_bad_setting_as_the_run_does(base, tmp_path, bad, needle):
     planned = finetune_in_process([*finetune_args(base, bad, output_dir=tmp_path / "a"), "--plan"])
     ran = finetune_in_process(finetune_args(base, bad, output_dir=tmp_path / "b"))
     assert planned[0] == ran[0] == 2
     errors = [[line for line in err.splitlines() if line.startswith("error:")] for _, _, err in (planned, ran)]
-    assert errors[0] == errors[1] and len(errors[0]) == 1 and "privacy.target_delta" in errors[0][0], errors
+    assert errors[0] == errors[1] and len(errors[0]) == 1 and needle in errors[0][0], errors
     assert not list(tmp_path.iterdir())
 
 
