@@ -15,6 +15,10 @@ Each combination is `launch/finetune.py` with privacy.target_epsilon, augment.me
 The parent run receives a plot of final test accuracy against ε (one line per method, error bars = standard
 deviation over replicates), the same as CSV and as a Markdown table. Interrupted (Ctrl-C, SIGTERM) and started
 again with the same command, the sweep skips finished combinations and resumes the one it was in.
+
+`--plan` checks every run's settings, then prints each point's guarantee (σ, q, steps, ε, δ) and an estimate of
+each run's time and the sweep's total (timed on random pixels, never a private image), and exits: nothing is
+trained, written or sent to MLflow.
 """
 
 from __future__ import annotations
@@ -73,6 +77,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--launcher",
         default="",
         help="command prefix for each run, e.g. 'accelerate launch --config_file ...' (default: this python)",
+    )
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="check every run, print each point's guarantee and the estimated time, and exit without training",
     )
     parser.add_argument(
         "overrides",
@@ -209,15 +218,32 @@ def plan(args: argparse.Namespace) -> tuple[Config, list[dict], list[str], dict[
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command(lambda: _sweep(parse_args(argv)))
+    started = time.time()
+    return run_command(lambda: _sweep(parse_args(argv), started))
 
 
-def _sweep(args: argparse.Namespace) -> int:
+def _plan_points(args: argparse.Namespace, combos: list[dict], common: list[str], scoped: dict) -> list[tuple]:
+    """(name, kind, config) for each (method, ε) of the grid, replicates left out (they plan alike)."""
+    points = {}
+    for combo in combos:
+        name = combo["name"].rsplit("-rep", 1)[0]
+        kind = combo["method"] + (", non-private" if math.isinf(combo["epsilon"]) else "")
+        if name not in points:
+            points[name] = (name, kind, load_config(args.config, _run_overrides(common, scoped, combo)))
+    return list(points.values())
+
+
+def _sweep(args: argparse.Namespace, started: float) -> int:
     config, combos, common, scoped = plan(args)  # every run's settings, checked before the first run starts
     from dpmix_dist.tracking import check_uri, experiment_id, resolve_uri
 
     uri = resolve_uri(config.tracking)
     check_uri(uri)
+    if args.plan:
+        from dpmix_dist.plan import plan_sweep
+
+        points = _plan_points(args, combos, common, scoped)
+        return plan_sweep(points, Path(args.config).stem, len(args.seeds), started)
     out = args.output_dir
     state_path = out / "sweep.json"
     request = {

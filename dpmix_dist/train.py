@@ -60,7 +60,11 @@ class Trainer:
     grown with them; q and the guarantee are unchanged). Nothing else is meant to be swapped.
     """
 
-    def __init__(self, config: Config, dist: Distributed, output_dir: Path, secret_seed: int) -> None:
+    def __init__(
+        self, config: Config, dist: Distributed, output_dir: Path, secret_seed: int, load_data: bool = True
+    ) -> None:
+        """`load_data=False` (`--plan`): everything is built and checked as for a run except the private examples,
+        which are never read (`inputs.check()` instead of `inputs.load()`; the stores stay None)."""
         self.config, self.dist, self.output_dir = config, dist, output_dir
         self._secret_seed = secret_seed  # never logged; lives only in memory and in the private checkpoint
         torch.manual_seed(0)  # model construction is seed-independent: the head is zero-init, the rest pretrained
@@ -131,7 +135,10 @@ class Trainer:
         # sampled private data, without noise: never computed, shown or stored unless asked for (contract item 9).
         self._loss_acc = [0.0, 0] if config.tracking.log_train_loss else None
         # Decoding shards and caching features happen here, so a corrupt shard fails before any output is written.
-        self.inputs.load()
+        if load_data:
+            self.inputs.load()
+        else:
+            self.inputs.check()
         self.groups, self.train_store, self.eval_store = self.inputs.groups, self.inputs.train, self.inputs.eval
         self.synthetic_store = self.inputs.synthetic
 
@@ -172,14 +179,7 @@ class Trainer:
         for chunk in sampled.split(self.config.performance.micro_batch_size):
             if not len(chunk):  # nothing sampled on this rank (split yields one empty chunk): it still reduces below
                 continue
-            inputs, targets = self._groups(store, chunk)
-            if self.engine is not None:
-                summed, losses = self.engine.clipped_sum(inputs, targets, self.mechanism.max_grad_norm, self._autocast)
-                self.mechanism.accumulate_clipped_sum(summed, num_groups=len(chunk))
-            else:
-                detached = {name: p.detach() for name, p in self.params.items()}
-                grads, losses = per_example_grads(self._forward, detached, inputs, targets)
-                self.mechanism.accumulate(grads)
+            losses = self.accumulate(store, chunk)
             if self._loss_acc is not None:
                 loss_sum += float(losses.sum())
         if self._loss_acc is not None:
@@ -189,6 +189,19 @@ class Trainer:
         self.update.step(flat)
         self.scheduler.step()
         self.step += 1
+
+    def accumulate(self, store: ExampleStore, chunk: torch.Tensor) -> torch.Tensor:
+        """One micro-batch inside a step: the examples' groups, their clipped gradients summed into the mechanism.
+        Returns the per-group losses (private: `train_step` keeps them only for tracking.log_train_loss)."""
+        inputs, targets = self._groups(store, chunk)
+        if self.engine is not None:
+            summed, losses = self.engine.clipped_sum(inputs, targets, self.mechanism.max_grad_norm, self._autocast)
+            self.mechanism.accumulate_clipped_sum(summed, num_groups=len(chunk))
+        else:
+            detached = {name: p.detach() for name, p in self.params.items()}
+            grads, losses = per_example_grads(self._forward, detached, inputs, targets)
+            self.mechanism.accumulate(grads)
+        return losses
 
     @torch.no_grad()
     def evaluate(self, store: ExampleStore) -> float:
@@ -289,6 +302,8 @@ class Trainer:
             "group_size": self.groups.group_size if self.groups is not None else 1,
             "model": self.config.model.name,
             "dataset": self.metadata["name"],
+            "classes": self.metadata["classes"],  # public metadata: what predict prints
+            "image_shape": self.metadata["splits"]["train"]["image_shape"],  # as stored (H, W, C), before resizing
             "num_train_examples": self.num_train,
             "trainable_parameters": sum(p.numel() for p in self.params.values()),
             "train_seconds": round(seconds, 1),

@@ -6,6 +6,10 @@
 Writes to --output-dir: config.yaml (resolved), model.safetensors and summary.json (the guarantee and the
 test accuracy). A checkpoint.pt is kept while the run is unfinished; it holds the secret seed, so treat it
 like the private data. Re-run with --resume to continue an interrupted run exactly where it stopped.
+
+--plan checks the settings as the run would (a bad one fails the same way), then prints the guarantee (σ, q,
+steps, ε, δ, accountant), the group size, the trainable parameters and a wall-time estimate timed on random
+pixels, and exits without training, writing anything or reading a private image.
 """
 
 from __future__ import annotations
@@ -46,6 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the noise predictable to whoever knows it: the guarantee then rests on the seed staying secret",
     )
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="check the settings, print the guarantee and a time estimate, and exit without training",
+    )
     args = parser.parse_args(argv)
     timestamped_output_dir(args)
     return args
@@ -72,6 +81,8 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 def _finetune(args: argparse.Namespace, started: float) -> int:
     config = load_config(args.config, args.overrides)
+    if args.plan and args.resume:
+        raise ValueError("--plan shows the plan of a new run; drop --resume (a resumed run keeps its plan)")
     _check_output_dir(args.output_dir, args.resume)
     if config.tracking.enabled:
         from dpmix_dist.tracking import check_uri, resolve_uri
@@ -85,6 +96,10 @@ def _finetune(args: argparse.Namespace, started: float) -> int:
     output_dir = args.output_dir
     try:
         with Distributed(cpu=args.cpu, collective_timeout_s=config.run.collective_timeout_s) as dist:
+            if args.plan:
+                from dpmix_dist.plan import plan_run
+
+                return plan_run(config, dist, Path(args.config).stem, started)
             output_dir = Path(dist.broadcast_object(str(args.output_dir)))  # the main process's default name
             return _train(config, args, dist, output_dir, started)
     except RankLost as lost:  # raised on every rank that is left; each says it (exit status 3)
@@ -131,7 +146,9 @@ def _train(config, args: argparse.Namespace, dist, output_dir: Path, started: fl
                 "stop signal received while logging the finished run to MLflow; the record was completed first",
                 file=sys.stderr,
             )
-    dist.print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
+    dist.print(
+        json.dumps({k: v for k, v in summary.items() if k not in ("history", "classes", "image_shape")}, indent=2)
+    )
     dist.print(
         f"done in {time.time() - started:.0f} s (data, model and features included): {summary['eval_split']} "
         f"accuracy {summary[trainer.accuracy_key]:.4f} at ε={summary['epsilon']:.3f}, δ={summary['delta']:g}; "

@@ -74,9 +74,20 @@ class RunInputs:
 
     # ------------------------------------------------------------------------------------------ loading
 
+    def check(self) -> None:
+        """What `load()` refuses without reading a private image: the synthetic pool (dpmix_diff; it is public, and
+        is decoded here) and a feature cache over `performance.feature_cache_max_gb`. Sets `groups`."""
+        self.groups = self._group_builder()
+        for split in ("train", self.config.data.eval_split):
+            if self.caches(split):
+                num_examples = self.metadata["splits"][split]["num_examples"]
+                self._check_cache_size(split, len(owned_indices(num_examples, self.dist.rank, self.dist.world_size)))
+        if self.caches("synthetic"):
+            self._check_cache_size("synthetic", len(self.groups.synthetic))
+
     def load(self) -> None:
         """Decode the shards and cache features: a corrupt shard or a refused pool fails here, before any step."""
-        self.groups = self._group_builder()
+        self.check()
         self.train = self._store("train", "caching train features")
         eval_split = self.config.data.eval_split
         self.eval = self._store(eval_split, f"caching {eval_split} features")
@@ -104,20 +115,39 @@ class RunInputs:
         with self.dist.local_main_first():  # the node's first process decodes the shards; the others reuse it
             data = load_split(self.config.data.root, split, self.config.data.cache_dir)
         owned = owned_indices(len(data), self.dist.rank, self.dist.world_size)
-        # Evaluation images are never augmented; training images are, except under dpsgd.
-        caching = self.config.performance.cache_frozen_features and (
-            split != "train" or self.config.augment.method == "dpsgd"
-        )
-        return self._example_store(data, owned, split, desc, caching, self.metadata["splits"][split]["shards"])
+        shards = self.metadata["splits"][split]["shards"]
+        return self._example_store(data, owned, split, desc, self.caches(split), shards)
+
+    def caches(self, split: str) -> bool:
+        """Whether the run keeps the frozen features of `split` ("train", the evaluation split or "synthetic")."""
+        if not self.config.performance.cache_frozen_features:
+            return False
+        if split == "train":  # training images are augmented, except under dpsgd; evaluation images never are
+            return self.config.augment.method == "dpsgd"
+        if split == "synthetic":  # dpmix_diff's unmixed synthetic members enter the group unaugmented
+            groups = self.groups
+            return groups is not None and groups.synthetic is not None and self.config.augment.include_unmixed
+        return True
+
+    def _check_cache_size(self, split: str, num_owned: int) -> None:
+        if not num_owned:
+            return
+        with torch.no_grad():  # the size of one example's features, from a mid-grey image (never a private one)
+            per_example = self.dp_model.cut.prefix(self.mid_grey()).numel() * 4
+        perf = self.config.performance
+        if per_example * num_owned > perf.feature_cache_max_gb * 2**30:
+            raise ConfigError(
+                f"performance.cache_frozen_features: the {split} features need "
+                f"{per_example * num_owned / 2**30:.1f} GiB per process (> feature_cache_max_gb="
+                f"{perf.feature_cache_max_gb:g}); set performance.cache_frozen_features=false or train fewer blocks"
+            )
 
     def _synthetic_store(self) -> ExampleStore | None:
         """dpmix_diff's unmixed synthetic members enter the group unaugmented, so their frozen features are computed
         once per run (every rank holds all of them: any example may draw any image). None when nothing is cached."""
+        if not self.caches("synthetic"):
+            return None
         a = self.config.augment
-        if self.groups is None or self.groups.synthetic is None or not a.include_unmixed:
-            return None
-        if not self.config.performance.cache_frozen_features:
-            return None
         synthetic, shards = self.groups.synthetic, read_metadata(a.synthetic_root)["splits"]["train"]["shards"]
         return self._example_store(
             synthetic, torch.arange(len(synthetic)), "synthetic", "caching synthetic features", True, shards
@@ -146,15 +176,6 @@ class RunInputs:
                 device=self.dist.device.type,
             )
             cache_file = Path(self.config.data.cache_dir) / "features" / f"{key}.pt"
-        if caching and len(owned):
-            with torch.no_grad():
-                per_example = prefix(self.to_input(data.images[:1])).numel() * 4
-            if per_example * len(owned) > perf.feature_cache_max_gb * 2**30:
-                raise ConfigError(
-                    f"performance.cache_frozen_features: the {split} features need "
-                    f"{per_example * len(owned) / 2**30:.1f} GiB per process (> feature_cache_max_gb="
-                    f"{perf.feature_cache_max_gb:g}); set performance.cache_frozen_features=false or train fewer blocks"
-                )
         with self.dist.progress(
             caching and self.config.run.progress_bar, total=len(owned), desc=desc, unit="img"
         ) as bar:
