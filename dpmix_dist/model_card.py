@@ -96,7 +96,9 @@ def render(
         "### What it does not cover",
         "",
         f"- The pretrained weights (`model.weights: {m.weights}`) are assumed public: the data they were trained on "
-        "is not protected by this guarantee.",
+        "is not protected by this guarantee."
+        if m.weights != "none"
+        else "- No pretrained weights: the model started from a random initialisation (`model.weights: none`).",
         f"- Public data is not protected: the public part of the split ({public_count:,} images, disjoint from the "
         "private set; the model signature's input example is one of them)"
         if public_count is not None

