@@ -6,7 +6,8 @@ is also appended to `OUTPUT_DIR/metrics.jsonl` first, so nothing is lost. The qu
 evaluation and, at the end, for up to `tracking.flush_timeout_s`; what still could not be sent is named.
 
 Nothing private is logged: the config holds no seed, the tags hold the guarantee, the metrics are aggregates on
-held-out data, and the model signature's input example comes from public (or synthetic) data.
+held-out data, the model signature's input example comes from public (or synthetic) data, and a registered
+version's model card (`model_card.py`) is rendered from those public values only.
 """
 
 from __future__ import annotations
@@ -309,7 +310,7 @@ class Tracker:
 
             mlflow.set_tracking_uri(self.uri)
             mlflow.set_registry_uri(self.uri)
-            # NCHW contiguous: a channels-last example would be serialised (and served) through a strided copy
+            # a plain C-ordered (n, 3, S, S) array, as requests carry it (a channels-last tensor gives a strided view)
             example = example_input.contiguous().numpy()
             with torch.no_grad():
                 logits = model(example_input)
