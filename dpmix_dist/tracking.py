@@ -6,7 +6,8 @@ is also appended to `OUTPUT_DIR/metrics.jsonl` first, so nothing is lost. The qu
 evaluation and, at the end, for up to `tracking.flush_timeout_s`; what still could not be sent is named.
 
 Nothing private is logged: the config holds no seed, the tags hold the guarantee, the metrics are aggregates on
-held-out data, and the model signature's input example comes from public (or synthetic) data.
+held-out data, the model signature's input example comes from public (or synthetic) data, and a registered
+version's model card (`model_card.py`) is rendered from those public values only.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
 
 
 @functools.cache  # asked at the start and the end of a run; git need not run twice
-def code_version() -> str:
+def git_version() -> str | None:
+    """`git describe --always --dirty` of this checkout, or None (not a git checkout, no git)."""
     try:
         out = subprocess.run(
             ["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True, timeout=5
@@ -81,12 +83,54 @@ def code_version() -> str:
             return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
+    return None
+
+
+def _package_version(name: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return version("dpmix-dist")
+        return version(name).split("+")[0]  # torch's local part (+cu130) is not on PyPI
     except PackageNotFoundError:
         return "unknown"
+
+
+def code_version() -> str:
+    """The git commit if this is a checkout, else the installed package's version."""
+    return git_version() or _package_version("dpmix-dist")
+
+
+def code_versions() -> dict[str, str]:
+    """What trained a model, for its card: the commit, this package's version and the libraries the model needs."""
+    versions = {"git": git_version()} if git_version() else {}
+    return {**versions, **{name: _package_version(name) for name in ("dpmix-dist", "torch", "timm", "mlflow")}}
+
+
+def model_requirements() -> list[str]:
+    """The logged model's pip requirements, pinned to what logged it. Given rather than inferred: mlflow's inference
+    loads the model again in a subprocess to see what it imports (25 s of a 60 s tiny test run on 2 cores), and the
+    pickled model references torch and timm modules only (no dpmix_dist class)."""
+    return [f"{n}=={_package_version(n)}" for n in ("mlflow", "torch", "torchvision", "timm", "cloudpickle", "numpy")]
+
+
+def serving_input(model, image_size: int) -> dict:
+    """The pyfunc model's input, for the MLmodel metadata and the model card: how an image becomes a row of X."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean = [float(v) for v in cfg.get("mean", (0.5,) * 3)]  # the same defaults as data.inputs.RunInputs
+    std = [float(v) for v in cfg.get("std", (0.5,) * 3)]
+    return {
+        "layout": "NCHW",
+        "dtype": "float32",
+        "channels": 3,
+        "image_size": image_size,
+        "mean": mean,
+        "std": std,
+        "preprocessing": (
+            f"pixel values / 255, a grey image repeated on 3 channels, resized to {image_size}x{image_size} "
+            f"(bilinear, antialiased), then (x - mean) / std per channel with mean {[round(v, 4) for v in mean]} "
+            f"and std {[round(v, 4) for v in std]} (dpmix_dist.data.transforms.to_model_input)"
+        ),
+    }
 
 
 def accuracy_plot(history: list[dict], path: Path, title: str) -> Path:
@@ -230,8 +274,17 @@ class Tracker:
 
         self._op(f"metrics at step {step}", send)
 
-    def finish(self, summary: dict, model, example_input, guarantee_tags: dict[str, str]) -> None:
-        """Artifacts (config, summary, accuracy-vs-ε plot), the model with its signature, the registry entry."""
+    def finish(
+        self,
+        summary: dict,
+        model,
+        example_input,
+        guarantee_tags: dict[str, str],
+        config: Config,
+        data_metadata: dict,
+    ) -> None:
+        """Artifacts (config, summary, accuracy-vs-ε plot), the model with its signature, the registry entry and its
+        model card. `data_metadata` is the private data folder's metadata.json (class names and sizes: public)."""
         plot = accuracy_plot(
             summary.get("history", []),
             self.output_dir / "accuracy_vs_epsilon.png",
@@ -240,10 +293,13 @@ class Tracker:
         )
 
         split = summary.get("eval_split", "test")
+        name = self.cfg.register_as or None
+        inputs = serving_input(model, int(example_input.shape[-1]))
+        classes = list(data_metadata.get("classes", []))
 
         def artifacts() -> None:
-            for name in ("config.yaml", "summary.json"):
-                self.client.log_artifact(self.run_id, str(self.output_dir / name))
+            for file in ("config.yaml", "summary.json"):
+                self.client.log_artifact(self.run_id, str(self.output_dir / file))
             self.client.log_artifact(self.run_id, str(plot))
 
         def model_op() -> None:
@@ -254,10 +310,11 @@ class Tracker:
 
             mlflow.set_tracking_uri(self.uri)
             mlflow.set_registry_uri(self.uri)
+            # a plain C-ordered (n, 3, S, S) array, as requests carry it (a channels-last tensor gives a strided view)
+            example = example_input.contiguous().numpy()
             with torch.no_grad():
                 logits = model(example_input)
-            signature = infer_signature(example_input.numpy(), logits.numpy())
-            name = self.cfg.register_as or None
+            signature = infer_signature(example, logits.numpy())
             with mlflow.start_run(run_id=self.run_id):  # attach to our run; status is set below, not here
                 # pickle, not mlflow 3's default pt2 (torch.export): an exported program is fixed to the example's
                 # batch size and cannot leave eval mode, so it would not be the model users expect to load.
@@ -266,21 +323,39 @@ class Tracker:
                     name="model",
                     signature=signature,
                     serialization_format="pickle",
-                    input_example=example_input.numpy(),
+                    input_example=example,
+                    pip_requirements=model_requirements(),
+                    metadata={"dpmix_input": inputs, "classes": classes},
                     registered_model_name=name,
                 )
             if name:
                 self.model_version = str(info.registered_model_version)
                 for key, value in guarantee_tags.items():
                     self.client.set_model_version_tag(name, self.model_version, key, value)
-                description = (
-                    f"({summary['epsilon']:.3f}, {summary['delta']:g})-DP ({summary['accountant']} accountant) on "
-                    f"{summary['dataset']} ({summary['num_train_examples']} private examples), method "
-                    f"{summary['method']}, σ={summary['noise_multiplier']:.4f}, q={summary['sample_rate']:.5g}, "
-                    f"{summary['steps']} steps, C={summary['max_grad_norm']:g}; "
-                    f"{split} accuracy {summary[f'{split}_accuracy']:.4f}"
-                )
-                self.client.update_model_version(name, self.model_version, description=description)
+
+        def card_op() -> None:
+            """The version's model card, logged to the run, and the description that names the guarantee and it."""
+            from dpmix_dist import model_card
+
+            uri = f"models:/{name}/{self.model_version}"
+            text = model_card.render(
+                summary, config, data_metadata, inputs, model_uri=uri, run_id=self.run_id, code=code_versions()
+            )
+            path = self.output_dir / model_card.FILE_NAME
+            path.write_text(text)
+            self.client.log_artifact(self.run_id, str(path))
+            card_uri = f"runs:/{self.run_id}/{model_card.FILE_NAME}"
+            self.client.set_model_version_tag(name, self.model_version, "model_card", card_uri)
+            description = (
+                f"({summary['epsilon']:.3f}, {summary['delta']:g})-DP ({summary['accountant']} accountant) on "
+                f"{summary['dataset']} ({summary['num_train_examples']} private examples), method "
+                f"{summary['method']}, σ={summary['noise_multiplier']:.4f}, q={summary['sample_rate']:.5g}, "
+                f"{summary['steps']} steps, C={summary['max_grad_norm']:g}; "
+                f"{split} accuracy {summary[f'{split}_accuracy']:.4f}. "
+                f"Model card (what the guarantee covers and does not): {card_uri} "
+                f"(artifact {model_card.FILE_NAME} of the source run)"
+            )
+            self.client.update_model_version(name, self.model_version, description=description)
 
         def final_metrics() -> None:
             from mlflow.entities import Metric
@@ -297,6 +372,8 @@ class Tracker:
         self._op("final metrics", final_metrics)
         self._op("artifacts", artifacts)
         self._op("model and registry", model_op)
+        if name:
+            self._op("model card", card_op)
         self._op("run end", end)
         deadline = time.time() + self.cfg.flush_timeout_s
         while not self.flush(force=True) and time.time() < deadline:

@@ -252,8 +252,9 @@ def test_no_seed_anywhere_in_the_tracker(sqlite_run):
     for mv in client.search_model_versions("name='tiny-fmnist'"):
         everything += [mv.description or "", *mv.tags.values()]
     assert everything and not any(SEED in item for item in everything)
+    assert any(p.name == "model_card.md" for p in (cwd / "mlartifacts").rglob("*"))  # the card is searched too
     for path in (cwd / "mlartifacts").rglob("*"):
-        if path.is_file() and path.suffix in (".json", ".yaml", ".txt", ".jsonl", ""):
+        if path.is_file() and path.suffix in (".json", ".yaml", ".txt", ".jsonl", ".md", ""):
             assert SEED not in path.read_text(errors="ignore"), path
     assert SEED not in (cwd / "run" / "metrics.jsonl").read_text()
     assert SEED not in proc.stdout

@@ -268,7 +268,7 @@ def _finish_tracker(tracker, config, trainer, summary: dict, world_size: int) ->
     example = trainer.inputs.public_example()
     model = copy.deepcopy(trainer.dp_model.model).cpu().eval()  # loadable without the training device
     tags = guarantee_tags(summary, config, summary["dataset"], world_size)
-    tracker.finish(summary, model, example, tags)
+    tracker.finish(summary, model, example, tags, config, trainer.metadata)
     if tracker.model_version:
         print(
             f"registered models:/{config.tracking.register_as}/{tracker.model_version} with "
