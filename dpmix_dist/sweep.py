@@ -320,7 +320,8 @@ def _sweep(args: argparse.Namespace, started: float) -> int:
                 break
             except KeyboardInterrupt:  # Ctrl-C reached the run too: let it checkpoint (or finish its record)
                 interrupted = True
-        if code == 130 or (interrupted and code == 0):
+        # 130: the run checkpointed and stopped; -SIGINT: Ctrl-C arrived as it exited, after its outputs and record
+        if code in (130, -signal.SIGINT) or (interrupted and code == 0):
             print(f"sweep interrupted in {combo['name']}; run the same command again to continue", file=sys.stderr)
             client.set_terminated(parent_id, status="KILLED")
             return 130

@@ -255,8 +255,8 @@ class Trainer:
                     self._save_checkpoint()
                     bar.close()
                     raise checkpoint.Interrupted(self.step, g.steps)
-        bar.close()
-        return self._finish(accuracy, time.time() - start)
+            bar.close()
+            return self._finish(accuracy, time.time() - start)  # a stop signal now waits for the outputs
 
     def _checkpoint_due(self, every_epochs_in_steps: int) -> bool:
         """After this step: by the epoch cadence, or by `run.checkpoint_every_steps` when set."""
