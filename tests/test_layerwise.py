@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from importlib import import_module
+
 import pytest
 import timm
 import torch
@@ -235,6 +237,8 @@ class _Forwards(nn.Module):
         super().__init__()
         self.kind = kind
         self.lin = nn.Linear(6, 6)
+        if kind == "permuted_output_overwritten":
+            self.norm2d = import_module("timm.layers.norm").LayerNorm2d(6)
         self.head = nn.Linear(6, NUM_CLASSES)
 
     def forward(self, x):
@@ -247,9 +251,13 @@ class _Forwards(nn.Module):
             h = self.lin(x)
             x.mul_(2.0)  # the input A the engine read is no longer what the layer saw
             h = h + x
-        elif self.kind == "view_output_overwritten":
-            h = self.lin(x)  # on (n, T, d) F.linear returns a view
+        elif self.kind == "reshape_output_overwritten":
+            h = self.lin(x)  # on (n, T, d) F.linear returns a view: a reshape of a 2-D matmul's output, where B is read
             h.mul_(3.0)
+        elif self.kind == "permuted_output_overwritten":
+            h = self.norm2d(x.unsqueeze(-1).transpose(1, 2))  # LayerNorm2d returns a permuted view of its result
+            h.mul_(3.0)  # ... which no gradient edge follows through an in-place op
+            h = h.squeeze(-1).transpose(1, 2)
         else:  # output_overwritten: in-place ops on the layer's (non-view) output; B is read before them
             h = self.lin(x.mean(1))
             h.mul_(3.0)
@@ -258,7 +266,15 @@ class _Forwards(nn.Module):
 
 
 @pytest.mark.parametrize(
-    "kind", ["twice", "bypassed", "input_overwritten", "view_output_overwritten", "output_overwritten"]
+    "kind",
+    [
+        "twice",
+        "bypassed",
+        "input_overwritten",
+        "permuted_output_overwritten",
+        "reshape_output_overwritten",
+        "output_overwritten",
+    ],
 )
 def test_what_only_a_forward_shows_is_refused_or_exact(kind):
     torch.manual_seed(0)
@@ -266,7 +282,7 @@ def test_what_only_a_forward_shows_is_refused_or_exact(kind):
     gen = torch.Generator().manual_seed(10)
     inputs, targets = torch.randn(4, 2, 5, 6, generator=gen), torch.randint(0, NUM_CLASSES, (4, 2), generator=gen)
     params = dict(model.named_parameters())
-    if kind == "output_overwritten":  # exact, although the captured output was overwritten twice
+    if kind in ("output_overwritten", "reshape_output_overwritten"):  # exact, although overwritten in place
         assert exact_or_refused(model, params, inputs, targets)[0] is None
         return
     engine = LayerwiseClipper(model, params)  # the constructor cannot see it without running the model...

@@ -139,8 +139,8 @@ class _Captured:
     channels_first: bool = False
     inputs: torch.Tensor | None = None  # A, detached: from the forward until B arrives (a ghost layer: to the sum)
     input_version: int = 0  # A's version counter when captured: an in-place write after it is detected
-    edge: GradientEdge | None = None  # where B is read: a gradient edge, which later in-place ops do not move...
-    out_view: torch.Tensor | None = None  # ...unless B's tensor is a view (Linear on (n, T, d)): then none may occur
+    edge: GradientEdge | None = None  # where B is read: a gradient edge, which later in-place ops do not move,
+    out_view: torch.Tensor | None = None  # a view output that is not a reshape: held to the end of the forward
     out_version: int = 0
     out_meta: tuple | None = None  # B's (shape, dtype), for a layer whose output the loss ignores
     grad_out: torch.Tensor | None = None  # B, kept to the clipped sum by a ghost layer only
@@ -207,6 +207,16 @@ def _conv_input(conv: nn.Conv2d, x: torch.Tensor, rule: _Rule) -> tuple[torch.Te
     if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
         return _pad_static(x, conv), (0, 0)
     return x, tuple(conv.padding)
+
+
+def _is_reshape(view: torch.Tensor, base: torch.Tensor) -> bool:
+    """`view` holds all of `base`'s elements in its order: the gradient of one is the other's, reshaped."""
+    return (
+        view.numel() == base.numel()
+        and view.storage_offset() == base.storage_offset()
+        and view.is_contiguous()
+        and base.is_contiguous()
+    )
 
 
 def _tokens(x: torch.Tensor, num_groups: int) -> torch.Tensor:
@@ -334,11 +344,16 @@ class LayerwiseClipper:
                 if slot == "inputs":
                     layer.inputs, layer.input_version = value.detach(), value._version
                 else:
-                    layer.edge, layer.out_meta = get_gradient_edge(value), (value.shape, value.dtype)
-                    # an in-place op on a view rebuilds its graph node: the edge would then get no gradient
-                    layer.out_view, layer.out_version = (value.detach() if value._is_view() else None), value._version
+                    layer.out_meta, target = (value.shape, value.dtype), value
+                    if value._is_view():  # an in-place op on a view rebuilds its graph node, which then gets nothing
+                        base = value._base
+                        if _is_reshape(value, base):  # Linear on (n, T, d): read B at the base, a 2-D matmul's output
+                            target = base
+                        else:  # held to the end of the forward, so that such an op is seen there
+                            layer.out_view, layer.out_version = value.detach(), value._version
+                    layer.edge = get_gradient_edge(target)
                     # a hook registered now sees the gradient of this value, whatever in-place ops follow
-                    value.register_hook(functools.partial(self._receive, layer))
+                    target.register_hook(functools.partial(self._receive, layer))
 
             return hook
 
@@ -371,6 +386,7 @@ class LayerwiseClipper:
                     f"the output of {name} (a view) was overwritten in place (models.disable_inplace); {_FIX_RUN}",
                     (name,),
                 )
+            layer.out_view = None  # the backward writes no activation: holding this output would only keep it alive
             if layer.rule.kind == "vit_tokens":
                 self._check_vit_grid(layer)
         # class ids (b, G) or soft labels (b, G, classes): one loss per member, then the group's mean
@@ -387,7 +403,7 @@ class LayerwiseClipper:
         for layer in self._layers:
             if layer.norm_sq is None:  # the layer ran but the loss does not depend on its output: B = 0
                 self._receive(layer, torch.zeros(layer.out_meta[0], dtype=layer.out_meta[1], device=inputs.device))
-            layer.edge, layer.out_view, layer.out_meta = None, None, None
+            layer.edge, layer.out_meta = None, None
         return losses.detach()
 
     def _receive(self, layer: _Captured, grad: torch.Tensor) -> None:
@@ -397,7 +413,7 @@ class LayerwiseClipper:
             name = type(layer.module).__qualname__
             raise UnsupportedLayer(f"{name}: its output received two gradients; {_FIX_RUN}", (name,))
         with torch.autocast(grad.device.type, enabled=False):
-            layer.norm_sq = self._norms_sq(layer, grad.detach())
+            layer.norm_sq = self._norms_sq(layer, grad.detach().view(layer.out_meta[0]))
         if not layer.ghost:
             layer.inputs = layer.grad_out = None
 
