@@ -6,7 +6,10 @@ a JSON line for the offline default backbone at K = 1.
     python benchmarks/bench_step.py --full     # adds vit_small and resnet50 (GroupNorm) at 224 px
     python benchmarks/bench_step.py --device cuda --precision bf16 --cases vit_b16_224px   # on a GPU
 
-On CUDA, time is measured with synchronisation and memory is torch's peak allocation (not RSS).
+Memory, two ways: `peak+MB` / `mem×np` are the process's peak RSS (above its RSS before the timed steps / over
+non-private's); `stepMB` / `step×np` are the step's own peak of torch allocations above those at its start (on the
+CPU from the profiler's allocation events over one extra step, on CUDA torch's peak allocation), which RSS blurs
+with what the allocator keeps. On CUDA, time is measured with synchronisation.
 
 Every mode trains all parameters (BatchNorm frozen) with loss = mean cross-entropy; a DP step here is
 per-example (per-group) clipping plus the clipped sum, without noise (noise costs the same in every mode).
@@ -46,6 +49,21 @@ FULL_BATCH = {1: 8, 16: 1}
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _cpu_step_peak_mb(step) -> float:
+    """Peak of torch's own allocations during one step above those at its start (the CPU analogue of CUDA's peak
+    allocation; RSS also counts what the allocator keeps), from the profiler's allocation events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    running = peak = 0
+    for _, nbytes in events:
+        running += nbytes
+        peak = max(peak, running)
+    return peak / 2**20
 
 
 def worker(case: str, num_views: int, mode: str, batch: int, steps: int, device: str, precision: str) -> dict:
@@ -145,9 +163,16 @@ def worker(case: str, num_views: int, mode: str, batch: int, steps: int, device:
         times.append(time.perf_counter() - start)
     if cuda:
         peak = torch.cuda.max_memory_allocated() / 2**20
+        step_mb = peak - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"seconds_per_step": statistics.median(times), "peak_extra_mb": max(peak - base, 0.0), "peak_mb": peak}
+        step_mb = _cpu_step_peak_mb(step)  # after the timed steps: the profiler slows the step it watches
+    return {
+        "seconds_per_step": statistics.median(times),
+        "peak_extra_mb": max(peak - base, 0.0),
+        "peak_mb": peak,
+        "step_mb": step_mb,
+    }
 
 
 def run_one(
@@ -202,7 +227,10 @@ def main() -> int:
         parser.error(f"unknown mode(s) {sorted(unknown)}; choose from {', '.join(MODES)}")
     results = {}
     print(f"device {args.device}, precision {args.precision}")
-    print(f"{'case':20} {'K':>3} {'B':>3} {'mode':18} {'s/step':>8} {'peak+MB':>8} {'time×np':>8} {'mem×np':>7}")
+    print(
+        f"{'case':20} {'K':>3} {'B':>3} {'mode':18} {'s/step':>8} {'peak+MB':>8} {'time×np':>8} {'mem×np':>7} "
+        f"{'stepMB':>7} {'step×np':>7}"
+    )
     for case, batches in cases:
         for k, batch in batches.items():
             row = {}
@@ -214,9 +242,10 @@ def main() -> int:
                     continue
                 t_ratio = r["seconds_per_step"] / base["seconds_per_step"]
                 m_ratio = r["peak_mb"] / base["peak_mb"]
+                s_ratio = r["step_mb"] / max(base["step_mb"], 1e-9)
                 print(
                     f"{case:20} {k:>3} {batch:>3} {mode:18} {r['seconds_per_step']:8.3f} {r['peak_extra_mb']:8.0f} "
-                    f"{t_ratio:8.2f} {m_ratio:7.2f}",
+                    f"{t_ratio:8.2f} {m_ratio:7.2f} {r['step_mb']:7.0f} {s_ratio:7.2f}",
                     flush=True,
                 )
             results[(case, k)] = row

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 from bench_step import CASES, FULL_CASES  # noqa: E402
+
 from dpmix_dist.models import build_dp_model  # noqa: E402
 from dpmix_dist.privacy.layerwise import LayerwiseClipper  # noqa: E402
 
@@ -46,7 +47,17 @@ def _nonprivate_wgrad(layer, a: torch.Tensor, b: torch.Tensor) -> None:
         b.reshape(-1, b.shape[-1]).mT @ a.reshape(-1, a.shape[-1])
     elif kind == "conv":
         torch.ops.aten.convolution_backward(
-            b, a, mod.weight, None, mod.stride, mod.padding, mod.dilation, False, [0, 0], mod.groups, [False, True, False]
+            b,
+            a,
+            mod.weight,
+            None,
+            mod.stride,
+            mod.padding,
+            mod.dilation,
+            False,
+            [0, 0],
+            mod.groups,
+            [False, True, False],
         )
     elif kind == "layer_norm" and not layer.channels_first:
         (F.layer_norm(a, mod.normalized_shape, eps=mod.eps) * b).flatten(0, -2).sum(0)
