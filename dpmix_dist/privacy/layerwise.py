@@ -2,14 +2,19 @@
 
 For each trainable layer the forward keeps its input A and the backward gives the gradient B of the loss with
 respect to its output; no parameter gradient is formed by autograd. A group's gradient for a Linear layer is
-Σ_t B_t A_tᵀ over the group's tokens t (its G members' tokens joined), so per layer we either
+Σ_t B_t A_tᵀ over the group's t tokens (its G members' tokens joined), so per layer we either
 
-- form it (*direct*: b × d_out × d_in numbers), or
-- get only its squared norm, Σ_{s,t} (A_s·A_t)(B_s·B_t) (*ghost norm*: b × (G·T)² numbers),
+- form it (*direct*: b × d_out × d_in numbers, no more multiply-adds than the weight gradient itself), or
+- get only its squared norm, Σ_{s,t} (A_s·A_t)(B_s·B_t) (*ghost norm*: t²·(d_in + d_out) more multiply-adds), and
+  keep A and B (b × t × (d_in + d_out) numbers) to form the clipped sum Σ_i c_i g_i from them once the clip factors
+  c_i = min(1, C/‖g_i‖) are known (*book-keeping*: one weight gradient, no second backward),
 
-whichever costs fewer multiply-adds, then sum the norms over layers (flat clipping), take the clip factors
-c_i = min(1, C/‖g_i‖), and form the clipped sum Σ_i c_i g_i directly from the kept A and B (*book-keeping*: no
-second backward).
+direct unless its per-group gradient would be more than 1.25× what ghost keeps (`_direct`). Each layer's work is
+done by a hook on its output as soon as autograd has B, in the backward: the direct layers' A and B are then let go
+at once, as non-private training lets go of them, so at most the ghost layers' A and B outlive the backward.
+Convolutions are Linear layers over unfolded patches, but the patches are unfolded only where cheaper: a 1×1
+convolution reads strided pixels, a large map's per-group gradients come from the convolution's own weight-gradient
+kernel (one call per group), and a ghost convolution's clipped sum is that kernel on the kept input, scaled.
 
 Exact or refused. A layer is accepted only if its EXACT class is in `_RULES`, a registry of classes whose forward
 has been read and is the closed form its rule computes: Linear; Conv2d (a Linear over unfolded patches, its padding
