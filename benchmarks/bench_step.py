@@ -66,9 +66,14 @@ def _cpu_step_peak_mb(step) -> float:
     return peak / 2**20
 
 
-def worker(case: str, num_views: int, mode: str, batch: int, steps: int, device: str, precision: str) -> dict:
+def worker(
+    case: str, num_views: int, mode: str, batch: int, steps: int, device: str, precision: str, threads: int
+) -> dict:
     import torch
     import torch.nn.functional as F
+
+    if threads:
+        torch.set_num_threads(threads)
 
     from dpmix_dist.models import build_dp_model
     from dpmix_dist.privacy.clipping import clipped_sum
@@ -176,9 +181,18 @@ def worker(case: str, num_views: int, mode: str, batch: int, steps: int, device:
 
 
 def run_one(
-    case: str, num_views: int, mode: str, batch: int, steps: int, timeout: int, device: str, precision: str
+    case: str,
+    num_views: int,
+    mode: str,
+    batch: int,
+    steps: int,
+    timeout: int,
+    device: str,
+    precision: str,
+    threads: int,
 ) -> dict:
     cmd = [sys.executable, __file__, "--worker", case, str(num_views), mode, str(batch), str(steps), device, precision]
+    cmd.append(str(threads))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -207,11 +221,17 @@ def main() -> int:
         default=",".join(MODES),
         help=f"comma-separated subset of {', '.join(MODES)} (nonprivate always runs: it is the base)",
     )
-    parser.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads per mode (0: torch's default; 1 is steadier on a busy machine)",
+    )
+    parser.add_argument("--worker", nargs=8, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        case, k, mode, batch, steps, device, precision = args.worker
-        print(json.dumps(worker(case, int(k), mode, int(batch), int(steps), device, precision)))
+        case, k, mode, batch, steps, device, precision, threads = args.worker
+        print(json.dumps(worker(case, int(k), mode, int(batch), int(steps), device, precision, int(threads))))
         return 0
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -226,7 +246,7 @@ def main() -> int:
     if unknown := set(args.modes.split(",")) - set(MODES):
         parser.error(f"unknown mode(s) {sorted(unknown)}; choose from {', '.join(MODES)}")
     results = {}
-    print(f"device {args.device}, precision {args.precision}")
+    print(f"device {args.device}, precision {args.precision}, threads {args.threads or 'default'}")
     print(
         f"{'case':20} {'K':>3} {'B':>3} {'mode':18} {'s/step':>8} {'peak+MB':>8} {'time×np':>8} {'mem×np':>7} "
         f"{'stepMB':>7} {'step×np':>7}"
@@ -235,7 +255,9 @@ def main() -> int:
         for k, batch in batches.items():
             row = {}
             for mode in modes:
-                row[mode] = r = run_one(case, k, mode, batch, args.steps, args.timeout, args.device, args.precision)
+                row[mode] = r = run_one(
+                    case, k, mode, batch, args.steps, args.timeout, args.device, args.precision, args.threads
+                )
                 base = row["nonprivate"]
                 if "error" in r:
                     print(f"{case:20} {k:>3} {batch:>3} {mode:18} {r['error']}")
