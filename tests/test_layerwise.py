@@ -455,6 +455,10 @@ _CONVS = {
     "1x1_stride2": dict(kernel_size=1, stride=2),
     "1x1_padded": dict(kernel_size=1, padding=1),
     "3x3_groups2": dict(kernel_size=3, padding=1, groups=2),
+    "3x3_depthwise": dict(kernel_size=3, padding=1, groups=8),  # one kernel offset at a time (81 positions > 9)
+    "3x3_depthwise_stride2_dilation2": dict(kernel_size=3, stride=2, padding=2, dilation=2, groups=8),
+    "5x5_depthwise_stride3": dict(kernel_size=5, stride=3, padding=2, groups=8),  # 9 positions < 25 offsets
+    "2x3_depthwise_same_reflect": dict(kernel_size=(2, 3), padding="same", padding_mode="reflect", groups=8),
     "Conv2dSame_stride2": None,
 }
 
@@ -480,8 +484,8 @@ def test_every_conv_path_matches_naive(monkeypatch, path, conv, num_views):
     assert engine._layers[0].ghost == (path == "ghost" and not grouped)
     expected_calls = {"ghost": 1, "direct_unfold": 0, "direct_kernel": 4}[path]
     pointwise = layer.kernel_size == (1, 1) and (_CONVS[conv] or {}).get("padding", 0) == 0
-    if grouped or (pointwise and path != "ghost"):
-        expected_calls = 0  # grouped: per-group einsum; 1x1 unpadded: strided pixels, never the kernel
+    if grouped or pointwise:
+        expected_calls = 0  # grouped: per-offset products or einsum; 1x1 unpadded: strided pixels, never the kernel
     assert len(calls) == expected_calls
 
 
