@@ -6,7 +6,10 @@ a JSON line for the offline default backbone at K = 1.
     python benchmarks/bench_step.py --full     # adds vit_small and resnet50 (GroupNorm) at 224 px
     python benchmarks/bench_step.py --device cuda --precision bf16 --cases vit_b16_224px   # on a GPU
 
-On CUDA, time is measured with synchronisation and memory is torch's peak allocation (not RSS).
+Memory, two ways: `peak+MB` / `mem×np` are the process's peak RSS (above its RSS before the timed steps / over
+non-private's); `stepMB` / `step×np` are the step's own peak of torch allocations above those at its start (on the
+CPU from the profiler's allocation events over one extra step, on CUDA torch's peak allocation), which RSS blurs
+with what the allocator keeps. On CUDA, time is measured with synchronisation.
 
 Every mode trains all parameters (BatchNorm frozen) with loss = mean cross-entropy; a DP step here is
 per-example (per-group) clipping plus the clipped sum, without noise (noise costs the same in every mode).
@@ -48,9 +51,29 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def worker(case: str, num_views: int, mode: str, batch: int, steps: int, device: str, precision: str) -> dict:
+def _cpu_step_peak_mb(step) -> float:
+    """Peak of torch's own allocations during one step above those at its start (the CPU analogue of CUDA's peak
+    allocation; RSS also counts what the allocator keeps), from the profiler's allocation events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    running = peak = 0
+    for _, nbytes in events:
+        running += nbytes
+        peak = max(peak, running)
+    return peak / 2**20
+
+
+def worker(
+    case: str, num_views: int, mode: str, batch: int, steps: int, device: str, precision: str, threads: int
+) -> dict:
     import torch
     import torch.nn.functional as F
+
+    if threads:
+        torch.set_num_threads(threads)
 
     from dpmix_dist.models import build_dp_model
     from dpmix_dist.privacy.clipping import clipped_sum
@@ -145,15 +168,31 @@ def worker(case: str, num_views: int, mode: str, batch: int, steps: int, device:
         times.append(time.perf_counter() - start)
     if cuda:
         peak = torch.cuda.max_memory_allocated() / 2**20
+        step_mb = peak - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"seconds_per_step": statistics.median(times), "peak_extra_mb": max(peak - base, 0.0), "peak_mb": peak}
+        step_mb = _cpu_step_peak_mb(step)  # after the timed steps: the profiler slows the step it watches
+    return {
+        "seconds_per_step": statistics.median(times),
+        "peak_extra_mb": max(peak - base, 0.0),
+        "peak_mb": peak,
+        "step_mb": step_mb,
+    }
 
 
 def run_one(
-    case: str, num_views: int, mode: str, batch: int, steps: int, timeout: int, device: str, precision: str
+    case: str,
+    num_views: int,
+    mode: str,
+    batch: int,
+    steps: int,
+    timeout: int,
+    device: str,
+    precision: str,
+    threads: int,
 ) -> dict:
     cmd = [sys.executable, __file__, "--worker", case, str(num_views), mode, str(batch), str(steps), device, precision]
+    cmd.append(str(threads))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -182,11 +221,17 @@ def main() -> int:
         default=",".join(MODES),
         help=f"comma-separated subset of {', '.join(MODES)} (nonprivate always runs: it is the base)",
     )
-    parser.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads per mode (0: torch's default; 1 is steadier on a busy machine)",
+    )
+    parser.add_argument("--worker", nargs=8, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        case, k, mode, batch, steps, device, precision = args.worker
-        print(json.dumps(worker(case, int(k), mode, int(batch), int(steps), device, precision)))
+        case, k, mode, batch, steps, device, precision, threads = args.worker
+        print(json.dumps(worker(case, int(k), mode, int(batch), int(steps), device, precision, int(threads))))
         return 0
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -201,22 +246,28 @@ def main() -> int:
     if unknown := set(args.modes.split(",")) - set(MODES):
         parser.error(f"unknown mode(s) {sorted(unknown)}; choose from {', '.join(MODES)}")
     results = {}
-    print(f"device {args.device}, precision {args.precision}")
-    print(f"{'case':20} {'K':>3} {'B':>3} {'mode':18} {'s/step':>8} {'peak+MB':>8} {'time×np':>8} {'mem×np':>7}")
+    print(f"device {args.device}, precision {args.precision}, threads {args.threads or 'default'}")
+    print(
+        f"{'case':20} {'K':>3} {'B':>3} {'mode':18} {'s/step':>8} {'peak+MB':>8} {'time×np':>8} {'mem×np':>7} "
+        f"{'stepMB':>7} {'step×np':>7}"
+    )
     for case, batches in cases:
         for k, batch in batches.items():
             row = {}
             for mode in modes:
-                row[mode] = r = run_one(case, k, mode, batch, args.steps, args.timeout, args.device, args.precision)
+                row[mode] = r = run_one(
+                    case, k, mode, batch, args.steps, args.timeout, args.device, args.precision, args.threads
+                )
                 base = row["nonprivate"]
                 if "error" in r:
                     print(f"{case:20} {k:>3} {batch:>3} {mode:18} {r['error']}")
                     continue
                 t_ratio = r["seconds_per_step"] / base["seconds_per_step"]
                 m_ratio = r["peak_mb"] / base["peak_mb"]
+                s_ratio = r["step_mb"] / max(base["step_mb"], 1e-9)
                 print(
                     f"{case:20} {k:>3} {batch:>3} {mode:18} {r['seconds_per_step']:8.3f} {r['peak_extra_mb']:8.0f} "
-                    f"{t_ratio:8.2f} {m_ratio:7.2f}",
+                    f"{t_ratio:8.2f} {m_ratio:7.2f} {r['step_mb']:7.0f} {s_ratio:7.2f}",
                     flush=True,
                 )
             results[(case, k)] = row

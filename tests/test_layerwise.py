@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from importlib import import_module
+
 import pytest
 import timm
 import torch
@@ -10,8 +13,9 @@ from conftest import NUM_CLASSES, tiny_dp_model
 from torch import nn
 
 from dpmix_dist.models import make_dp_model
+from dpmix_dist.privacy import layerwise
 from dpmix_dist.privacy.layerwise import LayerwiseClipper, UnsupportedLayer
-from dpmix_dist.testing.exactness import exact_or_refused
+from dpmix_dist.testing.exactness import assert_close, exact_or_refused
 from dpmix_dist.testing.reference import naive_clipped_sum, naive_group_grads
 from dpmix_dist.testing.zoo import resnetv2_bit
 
@@ -235,6 +239,8 @@ class _Forwards(nn.Module):
         super().__init__()
         self.kind = kind
         self.lin = nn.Linear(6, 6)
+        if kind == "permuted_output_overwritten":
+            self.norm2d = import_module("timm.layers.norm").LayerNorm2d(6)
         self.head = nn.Linear(6, NUM_CLASSES)
 
     def forward(self, x):
@@ -247,9 +253,13 @@ class _Forwards(nn.Module):
             h = self.lin(x)
             x.mul_(2.0)  # the input A the engine read is no longer what the layer saw
             h = h + x
-        elif self.kind == "view_output_overwritten":
-            h = self.lin(x)  # on (n, T, d) F.linear returns a view
+        elif self.kind == "reshape_output_overwritten":
+            h = self.lin(x)  # on (n, T, d) F.linear returns a view: a reshape of a 2-D matmul's output, where B is read
             h.mul_(3.0)
+        elif self.kind == "permuted_output_overwritten":
+            h = self.norm2d(x.unsqueeze(-1).transpose(1, 2))  # LayerNorm2d returns a permuted view of its result
+            h.mul_(3.0)  # ... which no gradient edge follows through an in-place op
+            h = h.squeeze(-1).transpose(1, 2)
         else:  # output_overwritten: in-place ops on the layer's (non-view) output; B is read before them
             h = self.lin(x.mean(1))
             h.mul_(3.0)
@@ -258,7 +268,15 @@ class _Forwards(nn.Module):
 
 
 @pytest.mark.parametrize(
-    "kind", ["twice", "bypassed", "input_overwritten", "view_output_overwritten", "output_overwritten"]
+    "kind",
+    [
+        "twice",
+        "bypassed",
+        "input_overwritten",
+        "permuted_output_overwritten",
+        "reshape_output_overwritten",
+        "output_overwritten",
+    ],
 )
 def test_what_only_a_forward_shows_is_refused_or_exact(kind):
     torch.manual_seed(0)
@@ -266,7 +284,7 @@ def test_what_only_a_forward_shows_is_refused_or_exact(kind):
     gen = torch.Generator().manual_seed(10)
     inputs, targets = torch.randn(4, 2, 5, 6, generator=gen), torch.randint(0, NUM_CLASSES, (4, 2), generator=gen)
     params = dict(model.named_parameters())
-    if kind == "output_overwritten":  # exact, although the captured output was overwritten twice
+    if kind in ("output_overwritten", "reshape_output_overwritten"):  # exact, although overwritten in place
         assert exact_or_refused(model, params, inputs, targets)[0] is None
         return
     engine = LayerwiseClipper(model, params)  # the constructor cannot see it without running the model...
@@ -390,3 +408,128 @@ def test_each_example_contributes_alone_and_at_most_c(kind):
         assert torch.allclose(total - without, alone, atol=1e-6)
         assert alone.norm() <= c * (1 + 1e-5)
         assert alone.norm() >= c * 0.99  # it was clipped, so the bound is tight: the test can see a leak
+
+
+# ---------------------------------------------------------------------------------------------- every path, forced
+
+_FORCED = {  # (direct-over-ghost memory factor, least output positions for the per-group conv kernel)
+    "ghost": (0.0, 10**9),
+    "direct_unfold": (math.inf, 10**9),
+    "direct_kernel": (math.inf, 0),
+}
+
+
+def _force(monkeypatch, path: str) -> list[int]:
+    """Make the engine take `path` for every weight it may (grouped convs are always direct); returns a list that
+    counts the calls of the convolution weight-gradient kernel, so that a test can see which conv path ran."""
+    slack, positions = _FORCED[path]
+    monkeypatch.setattr(layerwise, "_DIRECT_OVER_GHOST_MEMORY", slack)
+    monkeypatch.setattr(layerwise, "_CONV_LOOP_MIN_POSITIONS", positions)
+    calls, kernel = [], torch.nn.grad.conv2d_weight
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.grad, "conv2d_weight", counted)
+    return calls
+
+
+def _engine_matches_naive(model, params, inputs, targets) -> LayerwiseClipper:
+    grads, norms = naive_group_grads(model, params, inputs, targets)
+    max_norm = float(norms.median())  # some groups clipped, some not
+    expected = naive_clipped_sum(grads, norms, max_norm)
+    engine = LayerwiseClipper(model, params)
+    got, _ = engine.clipped_sum(inputs, targets, max_norm)
+    scale = max(float(g.abs().max()) for g in expected.values())
+    for name in expected:
+        assert_close(got[name], expected[name], name, scale)
+    return engine
+
+
+_CONVS = {
+    "3x3": dict(kernel_size=3, padding=1),
+    "3x3_stride2_dilation2": dict(kernel_size=3, stride=2, padding=2, dilation=2),
+    "2x3_same_reflect": dict(kernel_size=(2, 3), padding="same", padding_mode="reflect"),
+    "1x1": dict(kernel_size=1),
+    "1x1_stride2": dict(kernel_size=1, stride=2),
+    "1x1_padded": dict(kernel_size=1, padding=1),
+    "3x3_groups2": dict(kernel_size=3, padding=1, groups=2),
+    "3x3_depthwise": dict(kernel_size=3, padding=1, groups=8),  # one kernel offset at a time (81 positions > 9)
+    "3x3_depthwise_stride2_dilation2": dict(kernel_size=3, stride=2, padding=2, dilation=2, groups=8),
+    "5x5_depthwise_stride3": dict(kernel_size=5, stride=3, padding=2, groups=8),  # 9 positions < 25 offsets
+    "2x3_depthwise_same_reflect": dict(kernel_size=(2, 3), padding="same", padding_mode="reflect", groups=8),
+    "Conv2dSame_stride2": None,
+}
+
+
+@pytest.mark.parametrize("path", list(_FORCED))
+@pytest.mark.parametrize("conv", list(_CONVS))
+@pytest.mark.parametrize("num_views", [1, 3])
+def test_every_conv_path_matches_naive(monkeypatch, path, conv, num_views):
+    """Ghost norm (Gram of unfolded patches; clipped sum by the weight-gradient kernel from the raw input), direct by
+    unfolded patches (1×1: strided pixels) or by the weight-gradient kernel once per group, with K > 1 members."""
+    calls = _force(monkeypatch, path)
+    torch.manual_seed(0)
+    if _CONVS[conv] is None:
+        layer = import_module("timm.layers.conv2d_same").Conv2dSame(8, 8, 3, stride=2)
+    else:
+        layer = nn.Conv2d(8, 8, **_CONVS[conv])
+    model = _Probe(layer, tokens=False).eval()
+    gen = torch.Generator().manual_seed(11)
+    inputs = torch.randn(4, num_views, 8, 9, 9, generator=gen)
+    targets = torch.randint(0, NUM_CLASSES, (4, num_views), generator=gen)
+    engine = _engine_matches_naive(model, dict(model.named_parameters()), inputs, targets)
+    grouped = layer.groups > 1
+    assert engine._layers[0].ghost == (path == "ghost" and not grouped)
+    expected_calls = {"ghost": 1, "direct_unfold": 0, "direct_kernel": 4}[path]
+    pointwise = layer.kernel_size == (1, 1) and (_CONVS[conv] or {}).get("padding", 0) == 0
+    if grouped or pointwise:
+        expected_calls = 0  # grouped: per-offset products or einsum; 1x1 unpadded: strided pixels, never the kernel
+    assert len(calls) == expected_calls
+
+
+@pytest.mark.parametrize("path", ["ghost", "direct_unfold"])
+@pytest.mark.parametrize("kind", ["vit", "resnet_gn"])
+@pytest.mark.parametrize("num_views", [1, 3])
+def test_forced_paths_on_whole_models(monkeypatch, path, kind, num_views):
+    """Every weight of a fully trainable tiny ViT (Linear on 3-D tokens, cls/pos, LayerScale, LayerNorm) or ResNet-GN
+    (strided, padded and 1×1 convs, GroupNorm, in-place residual adds) through one path, K = 1 and K = 3."""
+    _force(monkeypatch, path)
+    dp = tiny_dp_model(kind)
+    gen = torch.Generator().manual_seed(12)
+    inputs = torch.randn(3, num_views, 3, 32, 32, generator=gen)
+    targets = torch.randint(0, NUM_CLASSES, (3, num_views), generator=gen)
+    engine = _engine_matches_naive(dp.tail_module, dp.trainable_params(), inputs, targets)
+    weighted = [layer for layer in engine._layers if layer.rule.kind in ("linear", "conv")]
+    assert weighted and all(layer.ghost == (path == "ghost") for layer in weighted)
+
+
+class _Branches(nn.Module):
+    """Two first layers on parallel branches (two gradient edges autograd is asked for), and a layer that runs but
+    that the loss ignores (its gradient is zero)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.left, self.right, self.ignored = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 6)
+        self.head = nn.Linear(12, NUM_CLASSES)
+
+    def forward(self, x):
+        self.ignored(x)
+        return self.head(torch.cat([self.left(x), torch.tanh(self.right(x))], -1).mean(1))
+
+
+@pytest.mark.parametrize("path", ["ghost", "direct_unfold"])
+def test_parallel_first_layers_and_an_ignored_output(monkeypatch, path):
+    _force(monkeypatch, path)
+    torch.manual_seed(0)
+    model = _Branches()
+    used = {n: p for n, p in model.named_parameters() if not n.startswith("ignored")}
+    gen = torch.Generator().manual_seed(13)
+    inputs, targets = torch.randn(4, 2, 5, 6, generator=gen), torch.randint(0, NUM_CLASSES, (4, 2), generator=gen)
+    grads, norms = naive_group_grads(model, used, inputs, targets)
+    expected = naive_clipped_sum(grads, norms, float(norms.median()))
+    got, _ = LayerwiseClipper(model, dict(model.named_parameters())).clipped_sum(inputs, targets, float(norms.median()))
+    for name in expected:
+        assert_close(got[name], expected[name], name, 1.0)
+    assert all(got[n].abs().sum() == 0 for n in got if n.startswith("ignored"))

@@ -2,14 +2,19 @@
 
 For each trainable layer the forward keeps its input A and the backward gives the gradient B of the loss with
 respect to its output; no parameter gradient is formed by autograd. A group's gradient for a Linear layer is
-Σ_t B_t A_tᵀ over the group's tokens t (its G members' tokens joined), so per layer we either
+Σ_t B_t A_tᵀ over the group's t tokens (its G members' tokens joined), so per layer we either
 
-- form it (*direct*: b × d_out × d_in numbers), or
-- get only its squared norm, Σ_{s,t} (A_s·A_t)(B_s·B_t) (*ghost norm*: b × (G·T)² numbers),
+- form it (*direct*: b × d_out × d_in numbers, no more multiply-adds than the weight gradient itself), or
+- get only its squared norm, Σ_{s,t} (A_s·A_t)(B_s·B_t) (*ghost norm*: t²·(d_in + d_out) more multiply-adds), and
+  keep A and B (b × t × (d_in + d_out) numbers) to form the clipped sum Σ_i c_i g_i from them once the clip factors
+  c_i = min(1, C/‖g_i‖) are known (*book-keeping*: one weight gradient, no second backward),
 
-whichever costs fewer multiply-adds, then sum the norms over layers (flat clipping), take the clip factors
-c_i = min(1, C/‖g_i‖), and form the clipped sum Σ_i c_i g_i directly from the kept A and B (*book-keeping*: no
-second backward).
+direct unless its per-group gradient would be more than 1.25× what ghost keeps (`_direct`). Each layer's work is
+done by a hook on its output as soon as autograd has B, in the backward: the direct layers' A and B are then let go
+at once, as non-private training lets go of them, so at most the ghost layers' A and B outlive the backward.
+Convolutions are Linear layers over unfolded patches, but the patches are unfolded only where cheaper: a 1×1
+convolution reads strided pixels, a large map's per-group gradients come from the convolution's own weight-gradient
+kernel (one call per group), and a ghost convolution's clipped sum is that kernel on the kept input, scaled.
 
 Exact or refused. A layer is accepted only if its EXACT class is in `_RULES`, a registry of classes whose forward
 has been read and is the closed form its rule computes: Linear; Conv2d (a Linear over unfolded patches, its padding
@@ -27,6 +32,7 @@ registered class and across timm's model zoo (tests/test_layerwise.py, tests/tes
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -136,13 +142,14 @@ class _Captured:
     rule: _Rule
     names: dict[str, str]  # attribute ("weight", "bias", "gamma", "pos_embed"...) -> full parameter name
     channels_first: bool = False
-    inputs: torch.Tensor | None = None  # A, detached (kept during one call only)
+    inputs: torch.Tensor | None = None  # A, detached: from the forward until B arrives (a ghost layer: to the sum)
     input_version: int = 0  # A's version counter when captured: an in-place write after it is detected
-    edge: GradientEdge | None = None  # where B is read: a gradient edge, which later in-place ops do not move...
-    out_view: torch.Tensor | None = None  # ...unless B's tensor is a view (Linear on (n, T, d)): then none may occur
+    edge: GradientEdge | None = None  # where B is read: a gradient edge, which later in-place ops do not move,
+    out_view: torch.Tensor | None = None  # a view output that is not a reshape: held to the end of the forward
     out_version: int = 0
     out_meta: tuple | None = None  # B's (shape, dtype), for a layer whose output the loss ignores
-    grad_out: torch.Tensor | None = None
+    grad_out: torch.Tensor | None = None  # B, kept to the clipped sum by a ghost layer only
+    norm_sq: torch.Tensor | None = None  # (b,) this layer's part of each group's squared norm, once B has arrived
     per_group: dict[str, torch.Tensor] = field(default_factory=dict)  # direct per-group gradients
     ghost: bool = False
 
@@ -155,6 +162,23 @@ class _Captured:
             return [(mod.mlp, "output", "inputs"), (mod.drop_path, "output", "grad")]
         grad_at = (mod.drop, "input") if rule.grad_at_drop else (mod, "output")
         return [(mod, "input", "inputs"), (*grad_at, "grad")]
+
+
+# A weight's per-group gradient is formed (direct) unless it is more than this many times the size of what the ghost
+# norm keeps for the clipped sum instead (A and B: t·(d_in + d_out) per group for d_out·d_in weights). Then the ghost
+# norm costs t²·(d_in + d_out) < t·d_in·d_out multiply-adds, less than one weight gradient; direct costs no more than
+# the weight gradient that the ghost layer's clipped sum forms anyway. Above 1, direct trades a little memory for
+# time where both are close (ResNet-50's 14×14 stage: 1.04-1.17; ViT-S/16 at 224 px: 1.46-1.56 stays ghost).
+_DIRECT_OVER_GHOST_MEMORY = 1.25
+# A direct 3×3 (non-1×1) convolution with at least this many output positions per member forms its per-group
+# gradients with the convolution's own weight-gradient kernel, one call per group, rather than by unfolding patches
+# (9× its input) into a batched matmul, which is faster only on small maps.
+_CONV_LOOP_MIN_POSITIONS = 400
+
+
+def _direct(t: int, d_in: int, d_out: int) -> bool:
+    """Form this weight's per-group gradient (True) or take its ghost norm (False), t tokens per group."""
+    return d_in * d_out <= _DIRECT_OVER_GHOST_MEMORY * t * (d_in + d_out)
 
 
 def _pad_same(x: torch.Tensor, kernel: tuple, stride: tuple, dilation: tuple) -> torch.Tensor:
@@ -181,9 +205,71 @@ def _pad_static(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return F.pad(x, (left, right, top, bottom), mode=mode)
 
 
+def _conv_input(conv: nn.Conv2d, x: torch.Tensor, rule: _Rule) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The input as the convolution reads it and the zero padding left to apply: (0, 0) where this replays it."""
+    if rule.same_pad:  # timm's TF-style 'same' conv pads inside forward, asymmetrically
+        return _pad_same(x, conv.kernel_size, conv.stride, conv.dilation), (0, 0)
+    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        return _pad_static(x, conv), (0, 0)
+    return x, tuple(conv.padding)
+
+
+def _is_reshape(view: torch.Tensor, base: torch.Tensor) -> bool:
+    """`view` holds all of `base`'s elements in its order: the gradient of one is the other's, reshaped."""
+    return (
+        view.numel() == base.numel()
+        and view.storage_offset() == base.storage_offset()
+        and view.is_contiguous()
+        and base.is_contiguous()
+    )
+
+
 def _tokens(x: torch.Tensor, num_groups: int) -> torch.Tensor:
     """(b·G, ..., d) -> (b, G·T, d): the group's members' tokens joined on one axis."""
     return x.reshape(num_groups, -1, x.shape[-1])
+
+
+def _join(x: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """(b·G, C, L) -> (b, C, G·L): the group's members' positions joined on the last axis (a view when G = 1)."""
+    members, c, length = x.shape
+    if members == num_groups:
+        return x
+    return x.reshape(num_groups, -1, c, length).transpose(1, 2).reshape(num_groups, c, -1)
+
+
+def _gram_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_{s,t} (a_s·a_t)(b_s·b_t) for a (n, t, d), b (n, t, p): ‖b_iᵀ a_i‖² without forming b_iᵀ a_i."""
+    return (torch.bmm(a, a.mT) * torch.bmm(b, b.mT)).sum((1, 2))
+
+
+def _sq_norms(g: torch.Tensor) -> torch.Tensor:
+    """(n, ...) -> (n,) squared L2 norms, in fp32."""
+    return g.float().flatten(1).pow(2).sum(1)
+
+
+def _sources(layers: list[_Captured]) -> list[_Captured]:
+    """The layers whose gradient edge no other layer's lies above (nearer the input than it).
+
+    Asking autograd for these edges alone runs every other layer's node, since each lies on a path from the loss to one
+    of them, so every layer's hook sees its B; autograd keeps only the returned gradients (theirs) to the end.
+    """
+    targets = {layer.edge.node for layer in layers}
+    known_clear: set = set()  # nodes whose whole upstream holds no layer's node
+
+    def reaches_a_layer(node) -> bool:
+        stack, seen = [nxt for nxt, _ in node.next_functions if nxt is not None], set()
+        while stack:
+            cur = stack.pop()
+            if cur in targets:
+                return True
+            if cur in seen or cur in known_clear:
+                continue
+            seen.add(cur)
+            stack.extend(nxt for nxt, _ in cur.next_functions if nxt is not None)
+        known_clear.update(seen)
+        return False
+
+    return [layer for layer in layers if not reaches_a_layer(layer.edge.node)]
 
 
 class LayerwiseClipper:
@@ -203,6 +289,7 @@ class LayerwiseClipper:
     def __init__(self, module: nn.Module, params: dict[str, nn.Parameter], example: torch.Tensor | None = None) -> None:
         self.module = module
         self.params = params
+        self._num_groups = 0  # b, during one call
         by_id = {id(p): name for name, p in params.items()}
         # A module or parameter registered twice may run twice: this engine keeps one capture per layer.
         module_uses = Counter(id(m) for _, m in module.named_modules(remove_duplicate=False))
@@ -244,10 +331,13 @@ class LayerwiseClipper:
     # ---------------------------------------------------------------------------------------- capture
 
     def _forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """One forward and one backward; each layer's B is taken by a hook on its output as soon as autograd has it
+        (`_receive`): its norm and direct per-group gradients are formed there, and B is dropped unless ghost."""
         num_groups, group_size = inputs.shape[:2]
+        self._num_groups = num_groups
         handles = []
         for layer in self._layers:  # a previous call that raised may have left captures behind
-            layer.inputs = layer.edge = layer.out_view = layer.out_meta = layer.grad_out = None
+            layer.inputs = layer.edge = layer.out_view = layer.out_meta = layer.grad_out = layer.norm_sq = None
             layer.per_group = {}
 
         def tap(layer: _Captured, which: str, slot: str) -> Callable:
@@ -259,9 +349,16 @@ class LayerwiseClipper:
                 if slot == "inputs":
                     layer.inputs, layer.input_version = value.detach(), value._version
                 else:
-                    layer.edge, layer.out_meta = get_gradient_edge(value), (value.shape, value.dtype)
-                    # an in-place op on a view rebuilds its graph node: the edge would then get no gradient
-                    layer.out_view, layer.out_version = (value.detach() if value._is_view() else None), value._version
+                    layer.out_meta, target = (value.shape, value.dtype), value
+                    if value._is_view():  # an in-place op on a view rebuilds its graph node, which then gets nothing
+                        base = value._base
+                        if _is_reshape(value, base):  # Linear on (n, T, d): read B at the base, a 2-D matmul's output
+                            target = base
+                        else:  # held to the end of the forward, so that such an op is seen there
+                            layer.out_view, layer.out_version = value.detach(), value._version
+                    layer.edge = get_gradient_edge(target)
+                    # a hook registered now sees the gradient of this value, whatever in-place ops follow
+                    target.register_hook(functools.partial(self._receive, layer))
 
             return hook
 
@@ -294,63 +391,61 @@ class LayerwiseClipper:
                     f"the output of {name} (a view) was overwritten in place (models.disable_inplace); {_FIX_RUN}",
                     (name,),
                 )
+            layer.out_view = None  # the backward writes no activation: holding this output would only keep it alive
+            if layer.rule.kind == "vit_tokens":
+                self._check_vit_grid(layer)
         # class ids (b, G) or soft labels (b, G, classes): one loss per member, then the group's mean
         per_member = F.cross_entropy(logits.float(), targets.flatten(0, 1), reduction="none")
         losses = per_member.view(num_groups, group_size).mean(1)
         # Gradients with respect to the layers' outputs only (gradient edges: in-place ops after a layer, such as
         # `x += shortcut`, do not change them): autograd forms no parameter gradient and stops at the first layer.
-        grads = torch.autograd.grad(losses.sum(), [layer.edge for layer in self._layers], allow_unused=True)
-        for layer, grad in zip(self._layers, grads):
-            if grad is None:  # the layer ran but the loss does not depend on its output: its gradient is zero
-                grad = torch.zeros(layer.out_meta[0], dtype=layer.out_meta[1], device=inputs.device)
-            layer.edge, layer.out_view, layer.out_meta, layer.grad_out = None, None, None, grad.detach()
+        # Asked for the first layers' edges only, it holds no other layer's B: the hooks take each as it comes.
+        sources = _sources(self._layers)
+        grads = torch.autograd.grad(losses.sum(), [layer.edge for layer in sources], allow_unused=True)
+        for layer, grad in zip(sources, grads):
+            if layer.norm_sq is None and grad is not None:
+                self._receive(layer, grad)
+        for layer in self._layers:
+            if layer.norm_sq is None:  # the layer ran but the loss does not depend on its output: B = 0
+                self._receive(layer, torch.zeros(layer.out_meta[0], dtype=layer.out_meta[1], device=inputs.device))
+            layer.edge, layer.out_meta = None, None
         return losses.detach()
+
+    def _receive(self, layer: _Captured, grad: torch.Tensor) -> None:
+        """B has arrived: this layer's part of the squared norms, its direct per-group gradients; A and B dropped
+        unless the layer is ghost. Called inside autograd's backward, whose autocast state it must not inherit."""
+        if layer.norm_sq is not None:
+            name = type(layer.module).__qualname__
+            raise UnsupportedLayer(f"{name}: its output received two gradients; {_FIX_RUN}", (name,))
+        with torch.autocast(grad.device.type, enabled=False):
+            layer.norm_sq = self._norms_sq(layer, grad.detach().view(layer.out_meta[0]))
+        if not layer.ghost:
+            layer.inputs = layer.grad_out = None
 
     # ---------------------------------------------------------------------------------------- per layer
 
-    def _linear_like(self, layer: _Captured, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """a (n, T, d_in), b (n, T, d_out) per group: squared norms (n,), keeping what the clipped sum needs.
+    def _norms_sq(self, layer: _Captured, gy: torch.Tensor) -> torch.Tensor:
+        """This layer's part of each group's squared norm from A (`layer.inputs`) and B (`gy`); fills
+        `layer.per_group` (direct) or sets `layer.ghost` and keeps A and B in `layer.inputs` / `layer.grad_out`.
 
-        a and b stay in their own dtype (bf16 under autocast) while stored for the clipped sum; every product is
-        formed in fp32 from per-layer temporaries, so stored activations cost what autograd's own would.
+        A and B stay in their own dtype (bf16 under autocast) while kept for the clipped sum; every product is
+        formed in fp32 from per-layer temporaries, so kept activations cost what autograd's own would.
         """
-        n, t, d_in = a.shape
-        d_out = b.shape[-1]
-        sq = torch.zeros(n, device=a.device, dtype=torch.float32)
-        has_weight = "weight" in layer.names
-        layer.ghost = has_weight and t * t * (d_in + d_out) < t * d_in * d_out
-        a32, b32 = a.float(), b.float()  # no copy in fp32
-        if has_weight:
-            if layer.ghost:
-                aa = torch.bmm(a32, a32.transpose(1, 2))
-                bb = torch.bmm(b32, b32.transpose(1, 2))
-                sq += (aa * bb).sum((1, 2))
-            else:
-                g = torch.bmm(b32.transpose(1, 2), a32)  # (n, d_out, d_in)
-                layer.per_group["weight"] = g
-                sq += g.pow(2).sum((1, 2))
-        if "bias" in layer.names:
-            gb = b32.sum(1)
-            layer.per_group["bias"] = gb
-            sq += gb.pow(2).sum(1)
-        # book-keeping needs A and B only where the weight's clipped sum is formed from them (ghost)
-        layer.inputs, layer.grad_out = (a, b) if layer.ghost else (None, None)
-        return sq
-
-    def _norms_sq(self, layer: _Captured, num_groups: int) -> torch.Tensor:
-        mod, kind = layer.module, layer.rule.kind
-        if kind == "linear":  # upcasts per product, keeps bf16 A and B (see _linear_like)
-            return self._linear_like(layer, _tokens(layer.inputs, num_groups), _tokens(layer.grad_out, num_groups))
+        mod, kind, num_groups = layer.module, layer.rule.kind, self._num_groups
+        layer.ghost = False
+        if kind == "linear":
+            a, b = _tokens(layer.inputs, num_groups), _tokens(gy, num_groups)
+            return self._linear(layer, a, b)
         if kind == "conv":
-            return self._conv(layer, num_groups)
+            return self._conv(layer, layer.inputs, gy)
         if kind == "embedding":
-            return self._embedding(layer, num_groups)
+            return self._embedding(layer, gy)
         if kind == "vit_tokens":
-            return self._elementwise(layer, self._vit_embedding_grads(layer, num_groups))
+            return self._elementwise(layer, self._vit_embedding_grads(layer, gy))
         x = layer.inputs
         if x is not None and x.is_floating_point():
             x = x.float()  # bf16 activations: fp32 per-example math (temporaries; nothing of them is kept)
-        gy = layer.grad_out.float()
+        gy = gy.float()
         if kind == "convnext_gamma":
             y = x if mod.use_conv_mlp else x.permute(0, 3, 1, 2)  # the mlp ran channels-last
             prod = (y * gy).reshape(num_groups, -1, gy.shape[1], gy[0, 0].numel()).sum((1, 3))
@@ -363,10 +458,9 @@ class LayerwiseClipper:
             return self._elementwise(layer, {"weight": (xhat * gy).sum(1), "bias": gy.sum(1)})
         if kind == "group_norm":
             xhat = F.group_norm(x, mod.num_groups, eps=mod.eps)  # (n·G, C, H, W) -> channels on axis 1
-            c = xhat.shape[1]
-            xhat = xhat.reshape(num_groups, -1, c, xhat[0, 0].numel()).transpose(2, 3).reshape(num_groups, -1, c)
-            gy = gy.reshape(num_groups, -1, c, gy[0, 0].numel()).transpose(2, 3).reshape(num_groups, -1, c)
-            return self._elementwise(layer, {"weight": (xhat * gy).sum(1), "bias": gy.sum(1)})
+            c, hw = xhat.shape[1], xhat[0, 0].numel()
+            xhat, gy = xhat.reshape(num_groups, -1, c, hw), gy.reshape(num_groups, -1, c, hw)
+            return self._elementwise(layer, {"weight": (xhat * gy).sum((1, 3)), "bias": gy.sum((1, 3))})
         # scale: out = x * gamma over the channel axis (axis 1 of (n, C, ...) or the last axis)
         (attr,) = layer.names
         if layer.channels_first:
@@ -375,10 +469,29 @@ class LayerwiseClipper:
             prod = (x * gy).reshape(num_groups, -1, x.shape[-1]).sum(1)
         return self._elementwise(layer, {attr: prod})
 
+    def _linear(self, layer: _Captured, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """a (n, t, d_in), b (n, t, d_out) per group."""
+        n, t, d_in = a.shape
+        sq = torch.zeros(n, device=a.device, dtype=torch.float32)
+        a32, b32 = a.float(), b.float()  # no copy in fp32
+        if "weight" in layer.names:
+            if _direct(t, d_in, b.shape[-1]):
+                g = torch.bmm(b32.mT, a32)  # (n, d_out, d_in)
+                layer.per_group["weight"] = g
+                sq += _sq_norms(g)
+            else:
+                layer.ghost = True
+                sq += _gram_dot(a32, b32)
+                layer.inputs, layer.grad_out = a, b  # the clipped sum is formed from them (book-keeping)
+        if "bias" in layer.names:
+            layer.per_group["bias"] = gb = b32.sum(1)
+            sq += _sq_norms(gb)
+        return sq
+
     @staticmethod
-    def _vit_embedding_grads(layer: _Captured, num_groups: int) -> dict[str, torch.Tensor]:
-        """Per-group gradients of cls_token / reg_token / pos_embed from ∂L/∂z, z = the embedded sequence."""
-        vit, gz = layer.module, layer.grad_out.float()
+    def _check_vit_grid(layer: _Captured) -> None:
+        """pos_embed enters z as is only when the patch grid is the one it was made for."""
+        vit = layer.module
         grid = None if layer.inputs is None else tuple(layer.inputs.shape[1:3])  # dynamic_img_size: (n, H, W, D)
         if "pos_embed" in layer.names and grid not in (None, tuple(vit.patch_embed.grid_size)):
             # resample_abs_pos_embed interpolated pos_embed: ∂z/∂pos_embed is no longer the identity
@@ -388,7 +501,11 @@ class LayerwiseClipper:
                 f"input size (img_size); {_FIX_RUN}",
                 ("VisionTransformer",),
             )
-        g = gz.reshape(num_groups, -1, *gz.shape[1:]).sum(1)  # (n, T, D): the group's views summed
+
+    def _vit_embedding_grads(self, layer: _Captured, gz: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-group gradients of cls_token / reg_token / pos_embed from ∂L/∂z, z = the embedded sequence."""
+        vit, gz = layer.module, gz.float()
+        g = gz.reshape(self._num_groups, -1, *gz.shape[1:]).sum(1)  # (n, T, D): the group's views summed
         num_cls = 1 if vit.cls_token is not None else 0
         num_reg = vit.reg_token.shape[1] if vit.reg_token is not None else 0
         grads = {}
@@ -396,55 +513,109 @@ class LayerwiseClipper:
             grads["cls_token"] = g[:, :1]
         if num_reg:
             grads["reg_token"] = g[:, num_cls : num_cls + num_reg]
-        if vit.pos_embed is not None:  # added as is (a resampling dynamic_img_size is refused by the constructor)
+        if vit.pos_embed is not None:  # added as is (a resampled pos_embed is refused after the forward)
             grads["pos_embed"] = g[:, vit.num_prefix_tokens :] if vit.no_embed_class else g
         return grads
 
-    def _embedding(self, layer: _Captured, num_groups: int) -> torch.Tensor:
+    def _embedding(self, layer: _Captured, gy: torch.Tensor) -> torch.Tensor:
         """Ghost norm of an embedding lookup: ‖G_i‖² = Σ_{s,t} [id_s = id_t] (B_s·B_t) over the group's tokens."""
         mod = layer.module
-        ids = layer.inputs.reshape(num_groups, -1).long()
-        b = layer.grad_out.float().reshape(num_groups, ids.shape[1], mod.embedding_dim)
+        ids = layer.inputs.reshape(self._num_groups, -1).long()
+        b = gy.float().reshape(self._num_groups, ids.shape[1], mod.embedding_dim)
         if mod.padding_idx is not None:  # the padding row receives no gradient
             b = b * (ids != mod.padding_idx).unsqueeze(-1)
         same = ids.unsqueeze(2) == ids.unsqueeze(1)
         layer.ghost = True
         layer.inputs, layer.grad_out = ids, b
-        return (torch.bmm(b, b.transpose(1, 2)) * same).sum((1, 2))
+        return (torch.bmm(b, b.mT) * same).sum((1, 2))
 
     def _elementwise(self, layer: _Captured, grads: dict[str, torch.Tensor]) -> torch.Tensor:
         sq = 0
         for attr in layer.names:
             layer.per_group[attr] = grads[attr]
-            sq = sq + grads[attr].float().pow(2).flatten(1).sum(1)
-        layer.inputs = layer.grad_out = None
+            sq = sq + _sq_norms(grads[attr])
         return sq
 
-    def _conv(self, layer: _Captured, num_groups: int) -> torch.Tensor:
-        mod, x, gy = layer.module, layer.inputs, layer.grad_out
-        padding = 0
-        if layer.rule.same_pad:  # timm's TF-style 'same' conv pads inside forward, asymmetrically
-            x = _pad_same(x, mod.kernel_size, mod.stride, mod.dilation)
-        elif isinstance(mod.padding, str) or mod.padding_mode != "zeros":
-            x = _pad_static(x, mod)
-        else:
-            padding = mod.padding  # zeros on both sides: unfold pads
-        cols = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=padding, stride=mod.stride)
-        n_members, _, length = cols.shape
-        gy = gy.reshape(n_members, mod.out_channels, -1)  # (n·G, C_out, L)
-        if mod.groups == 1:
-            a = cols.transpose(1, 2).reshape(num_groups, -1, cols.shape[1])  # (n, G·L, C_in·k·k)
-            b = gy.transpose(1, 2).reshape(num_groups, -1, mod.out_channels)
-            return self._linear_like(layer, a, b)
-        # Grouped (e.g. depthwise) conv: per-group gradients are small, form them directly.
-        g = mod.groups
-        a = cols.float().reshape(n_members, g, -1, length)  # (nG, g, C_in/g·k·k, L)
-        b = gy.float().reshape(n_members, g, -1, length)  # (nG, g, C_out/g, L)
-        w = torch.einsum("vgol,vgil->vgoi", b, a).reshape(num_groups, -1, *mod.weight.shape).sum(1)
-        grads = {"weight": w}
+    def _conv(self, layer: _Captured, x: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
+        """A Linear over unfolded patches: t = G·L positions per group, d_in = C_in·k·k."""
+        mod, num_groups = layer.module, self._num_groups
+        members, c_out, length = gy.shape[0], gy.shape[1], gy[0, 0].numel()
+        kh, kw = mod.kernel_size
+        padded, padding = _conv_input(mod, x, layer.rule)
+        gy32 = gy.float()
+        grads: dict[str, torch.Tensor] = {}
         if "bias" in layer.names:
-            grads["bias"] = gy.float().sum(2).reshape(num_groups, -1, mod.out_channels).sum(1)
-        return self._elementwise(layer, grads)
+            grads["bias"] = gy32.sum((2, 3)).reshape(num_groups, -1, c_out).sum(1)
+        if mod.groups == mod.in_channels == mod.out_channels:
+            w = self._depthwise(mod, padded.float(), padding, gy32).reshape(num_groups, -1, *mod.weight.shape).sum(1)
+            return self._elementwise(layer, {"weight": w, **grads})
+        if mod.groups > 1:  # grouped (e.g. depthwise): per-group gradients are small, form them directly
+            cols = F.unfold(padded.float(), mod.kernel_size, dilation=mod.dilation, padding=padding, stride=mod.stride)
+            a = cols.reshape(members, mod.groups, -1, length)  # (nG, g, C_in/g·k·k, L)
+            b = gy32.reshape(members, mod.groups, -1, length)  # (nG, g, C_out/g, L)
+            w = torch.einsum("vgol,vgil->vgoi", b, a).reshape(num_groups, -1, *mod.weight.shape).sum(1)
+            return self._elementwise(layer, {"weight": w, **grads})
+        d_in = mod.in_channels * kh * kw
+        direct = _direct(members // num_groups * length, d_in, c_out)
+        if (kh, kw) == (1, 1) and padding == (
+            0,
+            0,
+        ):  # a 1×1 convolution reads every stride-th pixel: no patches to unfold
+            cols = padded[:, :, :: mod.stride[0], :: mod.stride[1]].float().flatten(2)
+        elif not direct or length < _CONV_LOOP_MIN_POSITIONS:
+            cols = F.unfold(padded.float(), mod.kernel_size, dilation=mod.dilation, padding=padding, stride=mod.stride)
+        else:
+            cols = None
+        a, b = (None, None) if cols is None else (_join(cols, num_groups), _join(gy32.flatten(2), num_groups))
+        if direct:
+            if cols is None:  # one weight-gradient kernel call per group, on its members
+                per = members // num_groups
+                w = torch.stack(
+                    [
+                        torch.nn.grad.conv2d_weight(
+                            padded[i * per : (i + 1) * per].float(),
+                            mod.weight.shape,
+                            gy32[i * per : (i + 1) * per],
+                            mod.stride,
+                            padding,
+                            mod.dilation,
+                        )
+                        for i in range(num_groups)
+                    ]
+                )
+            else:
+                w = torch.bmm(b, a.mT).reshape(num_groups, *mod.weight.shape)
+            return self._elementwise(layer, {"weight": w, **grads})
+        layer.ghost = True
+        sq = _gram_dot(a.mT, b.mT)
+        for attr, g in grads.items():
+            layer.per_group[attr] = g
+            sq += _sq_norms(g)
+        layer.inputs, layer.grad_out = x, gy  # as the forward saw them: the clipped sum is a weight gradient of them
+        return sq
+
+    @staticmethod
+    def _depthwise(conv: nn.Conv2d, x: torch.Tensor, padding: tuple[int, int], gy: torch.Tensor) -> torch.Tensor:
+        """Per-member weight gradients (members, C, 1, kh, kw) of a depthwise convolution without unfolding patches
+        (F.unfold of kh·kw copies of a many-channel input was most of EfficientNet-Lite0's clipping time): per kernel
+        offset, Σ_hw B · the pixels it reads; or, on a map with fewer positions than offsets, per output position,
+        B · the window it read."""
+        (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+        x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+        out_h, out_w = gy.shape[2:]
+        if out_h * out_w < kh * kw:
+            w = x.new_zeros(x.shape[0], x.shape[1], kh, kw)
+            for i in range(out_h):
+                for j in range(out_w):
+                    window = x[:, :, i * sh : i * sh + dh * (kh - 1) + 1 : dh, j * sw : j * sw + dw * (kw - 1) + 1 : dw]
+                    w += window * gy[:, :, i : i + 1, j : j + 1]
+            return w.unsqueeze(2)
+        w = x.new_empty(x.shape[0], x.shape[1], kh, kw)
+        for i in range(kh):
+            for j in range(kw):
+                seen = x[:, :, i * dh : i * dh + sh * (out_h - 1) + 1 : sh, j * dw : j * dw + sw * (out_w - 1) + 1 : sw]
+                w[:, :, i, j] = (seen * gy).sum((2, 3))
+        return w.unsqueeze(2)
 
     # ---------------------------------------------------------------------------------------- clipped sum
 
@@ -452,21 +623,37 @@ class LayerwiseClipper:
         out = {}
         for attr, name in layer.names.items():
             shape = self.params[name].shape
-            if attr == "weight" and layer.ghost and layer.rule.kind == "embedding":
-                ids, b = layer.inputs, layer.grad_out  # (n, T), (n, T, D)
-                scaled = (b * factors.view(-1, 1, 1)).reshape(-1, b.shape[-1])
-                out[name] = torch.zeros(shape, device=b.device).index_add_(0, ids.reshape(-1), scaled)
-            elif attr == "weight" and layer.ghost:
-                a, b = layer.inputs, layer.grad_out  # (n, T, d_in), (n, T, d_out)
-                scaled = b.float() * factors.view(-1, 1, 1)  # factors stay fp32 whatever b's dtype
-                g = torch.einsum("nto,nti->oi", scaled, a.float())
-                out[name] = g.reshape(shape)
+            if attr == "weight" and layer.ghost:
+                out[name] = self._ghost_weight_sum(layer, factors).reshape(shape)
             else:
                 g = layer.per_group[attr]
-                out[name] = torch.einsum("n,n...->...", factors, g.float()).reshape(shape)
+                out[name] = torch.matmul(factors, g.float().flatten(1)).reshape(shape)
         layer.inputs = layer.grad_out = None
         layer.per_group = {}
         return out
+
+    def _ghost_weight_sum(self, layer: _Captured, factors: torch.Tensor) -> torch.Tensor:
+        """Σ_i c_i g_i of a ghost layer's weight from the kept A and B (book-keeping: no second backward): the
+        weight gradient of A and B with each group's B (or A, whichever is smaller) scaled by its factor."""
+        mod, a, b = layer.module, layer.inputs, layer.grad_out
+        if layer.rule.kind == "embedding":
+            ids = a  # (n, T), b (n, T, D)
+            scaled = (b * factors.view(-1, 1, 1)).reshape(-1, b.shape[-1])
+            return torch.zeros(mod.weight.shape, device=b.device).index_add_(0, ids.reshape(-1), scaled)
+        per_member = factors.repeat_interleave(b.shape[0] // len(factors))  # a conv's A and B are per member
+        a32, b32 = a.float(), b.float()
+        scale = per_member.view(-1, *[1] * (a.dim() - 1)) if layer.rule.kind == "conv" else factors.view(-1, 1, 1)
+        if a.numel() <= b.numel():
+            a32 = a32 * scale
+        else:
+            b32 = b32 * scale
+        if layer.rule.kind == "conv":
+            padded, padding = _conv_input(mod, a32, layer.rule)
+            if mod.kernel_size == (1, 1) and padding == (0, 0):  # one matmul over the strided pixels: faster here
+                pixels = padded[:, :, :: mod.stride[0], :: mod.stride[1]].flatten(2)
+                return torch.einsum("vol,vil->oi", b32.flatten(2), pixels)
+            return torch.nn.grad.conv2d_weight(padded, mod.weight.shape, b32, mod.stride, padding, mod.dilation)
+        return b32.reshape(-1, b.shape[-1]).mT @ a32.reshape(-1, a.shape[-1])
 
     def clipped_sum(
         self,
@@ -491,7 +678,8 @@ class LayerwiseClipper:
             losses = self._forward_backward(inputs, targets)
         norms_sq = torch.zeros(num_groups, device=inputs.device, dtype=torch.float32)
         for layer in self._layers:
-            norms_sq += self._norms_sq(layer, num_groups)
+            norms_sq += layer.norm_sq
+            layer.norm_sq = None
         factors = clip_factors(norms_sq.sqrt(), max_grad_norm)
         summed: dict[str, torch.Tensor] = {}
         for layer in self._layers:
