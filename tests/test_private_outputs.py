@@ -9,7 +9,6 @@ so the search is shown to be able to fail.
 
 from __future__ import annotations
 
-import argparse
 import re
 import sqlite3
 from pathlib import Path
@@ -44,7 +43,7 @@ def private_root(tmp_path_factory) -> Path:
 def _tracked_run(cwd: Path, private_root: Path, monkeypatch, capfd, *overrides: str) -> tuple[dict, str]:
     """Train in this process; returns the private losses {step means, interval means} and stdout + stderr."""
     from dpmix_dist import train
-    from dpmix_dist.commands.finetune import run_finetune
+    from dpmix_dist.commands.finetune import parse_args, run_finetune
     from dpmix_dist.privacy.layerwise import LayerwiseClipper
 
     per_step: list[list[float]] = []
@@ -73,13 +72,13 @@ def _tracked_run(cwd: Path, private_root: Path, monkeypatch, capfd, *overrides: 
     monkeypatch.setattr(LayerwiseClipper, "clipped_sum", clip_spy)
     monkeypatch.setattr(train, "per_example_grads", grads_spy)
     monkeypatch.chdir(cwd)
-    args = argparse.Namespace(
-        config="tiny_test",
-        output_dir=cwd / "run",
-        resume=False,
-        seed=None,
-        cpu=True,
-        overrides=[
+    args = parse_args(  # the command line's own parser: its defaults, in-process so that the spies see the run
+        [
+            "--config",
+            "tiny_test",
+            "--output-dir",
+            str(cwd / "run"),
+            "--cpu",
             f"data.root={private_root}",
             f"data.cache_dir={cwd / 'cache'}",
             "tracking.enabled=true",
@@ -88,7 +87,7 @@ def _tracked_run(cwd: Path, private_root: Path, monkeypatch, capfd, *overrides: 
             "run.progress_bar=true",
             "run.eval_every_epochs=0.5",
             *overrides,
-        ],
+        ]
     )
     assert run_finetune(args) == 0
     out = capfd.readouterr()

@@ -134,7 +134,7 @@ def _free_port() -> int:
 def _status(url: str, host: str) -> int:
     request = urllib.request.Request(url, headers={"Host": host})
     try:
-        with urllib.request.urlopen(request, timeout=5) as response:
+        with urllib.request.urlopen(request, timeout=60) as response:  # the first request runs migrations
             return response.status
     except urllib.error.HTTPError as exc:
         return exc.code
@@ -151,8 +151,10 @@ def test_compose_tracking_server_flags_accept_the_trainer(tmp_path):
         f.replace(mount, str(tmp_path)) for f in mlflow_service["command"] if not f.startswith(("--host=", "--port="))
     ]
     command = [str(Path(sys.executable).parent / "mlflow"), "server", *flags, "--host=127.0.0.1", f"--port={port}"]
+    # without its ~15 job-runner workers, which nothing here uses and which take the 2 cores for a minute
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     server = subprocess.Popen(
-        command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     base = f"http://127.0.0.1:{port}"
     try:
