@@ -180,6 +180,9 @@ class Tracker:
     """One run in MLflow, fed by the main process. Calls never raise into training: they queue and retry."""
 
     def __init__(self, cfg: TrackingConfig, output_dir: Path, log: Callable[[str], None] = print) -> None:
+        # MLflow 3 sends usage telemetry to its maintainers unless told not to; a toolkit for private data sends
+        # nothing anywhere it was not pointed at (set MLFLOW_DISABLE_TELEMETRY=false to opt in).
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         # Fail fast per request; our own queue does the retrying (mlflow's default retries take minutes).
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault(

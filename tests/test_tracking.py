@@ -393,3 +393,20 @@ def test_sweep_nested_runs_interrupted_and_restarted(data, tmp_path):
         assert float(r["test_accuracy"]) == pytest.approx(summary["test_accuracy"])
     table = (out / "results.md").read_text()
     assert "| dpsgd |" in table and "(n=2)" in table and "ε = 2" in table and "ε = 8" in table
+
+
+def test_mlflow_usage_telemetry_is_off_unless_the_user_turns_it_on(tmp_path):
+    """A Tracker turns MLflow 3's usage telemetry off (it would report to MLflow's maintainers), outside pytest's
+    and CI's environment, where MLflow turns it off by itself; a user's explicit setting wins."""
+    probe = (
+        "import sys; from pathlib import Path; from dpmix_dist.config import TrackingConfig; "
+        "from dpmix_dist.tracking import Tracker; from mlflow.telemetry.utils import is_telemetry_disabled; "
+        f"Tracker(TrackingConfig(uri='sqlite:///{tmp_path}/m.db'), Path('{tmp_path}')); "
+        "print(is_telemetry_disabled())"
+    )
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "CI", "GITHUB", "MLFLOW", "DO_NOT"))}
+    for user, expected in ((None, "True"), ("false", "False")):
+        env = dict(clean, **({"MLFLOW_DISABLE_TELEMETRY": user} if user else {}))
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip().splitlines()[-1] == expected, (user, out.stdout)
