@@ -55,6 +55,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def accelerate_launch(num_processes: int, config: str = "cpu_2proc.yaml") -> list[str]:
+    """`accelerate launch` of `num_processes` CPU processes (gloo; one process: cpu_1proc.yaml) on a free port; the
+    script and its arguments follow."""
+    config = "cpu_1proc.yaml" if num_processes == 1 else config
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        f"configs/accelerate/{config}",
+        "--num_processes",
+        str(num_processes),
+        "--main_process_port",
+        str(free_port()),
+    ]
+
+
 def offline_env(**extra: str | None) -> dict[str, str]:
     """The environment for a subprocess a test runs: this process's, offline (HF_HUB_OFFLINE=1), unbuffered, with
     this checkout first on PYTHONPATH (a script run from another folder imports the code under test, not some

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, free_port, offline_env, prepare_data
+from conftest import REPO, accelerate_launch, free_port, offline_env, prepare_data
 from safetensors.torch import load_file
 
 from dpmix_dist.testing.datagen import make_fashion_mnist_idx, make_synthetic_folder
@@ -89,22 +89,6 @@ def _kill(launchers: list[subprocess.Popen]) -> None:
         launcher.wait(timeout=30)
 
 
-def _launch_cmd(num_processes: int, port: int, extra_launch: list[str] = ()) -> list[str]:
-    config = "cpu_1proc.yaml" if num_processes == 1 else "cpu_2proc.yaml"
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        f"configs/accelerate/{config}",
-        "--num_processes",
-        str(num_processes),
-        "--main_process_port",
-        str(port),
-        *extra_launch,
-    ]
-
-
 def _train_args(shards: Path, out: Path, cache: Path, *overrides: str) -> list[str]:
     return [
         "launch/finetune.py",
@@ -122,7 +106,7 @@ def _train_args(shards: Path, out: Path, cache: Path, *overrides: str) -> list[s
 
 
 def _run(num_processes: int, shards: Path, out: Path, *overrides: str, timeout: int = 300) -> dict:
-    cmd = _launch_cmd(num_processes, free_port()) + _train_args(shards, out, out.parent / "cache", *overrides)
+    cmd = accelerate_launch(num_processes) + _train_args(shards, out, out.parent / "cache", *overrides)
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert SEED not in proc.stdout + proc.stderr.replace(f"--seed {SEED}", "")
@@ -218,7 +202,7 @@ def test_world_size_does_not_change_an_augmented_run(shards, reference, tmp_path
 
 def test_different_seed_gives_a_different_model(shards, reference, tmp_path):
     out = tmp_path / "run"
-    cmd = _launch_cmd(1, free_port()) + _train_args(shards, out, tmp_path / "cache")
+    cmd = accelerate_launch(1) + _train_args(shards, out, tmp_path / "cache")
     cmd[cmd.index(SEED)] = "7"
     subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, check=True, timeout=300)
     a, b = load_file(reference / "model.safetensors"), load_file(out / "model.safetensors")
@@ -245,7 +229,7 @@ def test_two_simulated_nodes_match_one_process(shards, reference, two_processes,
 def test_interrupted_run_resumes_to_the_same_model(shards, reference, two_processes, tmp_path):
     out = tmp_path / "run"
     # slow the steps a little so the signal lands mid-run, and checkpoint every step
-    cmd = _launch_cmd(2, free_port()) + _train_args(shards, out, tmp_path / "cache", "run.checkpoint_every_epochs=0.1")
+    cmd = accelerate_launch(2) + _train_args(shards, out, tmp_path / "cache", "run.checkpoint_every_epochs=0.1")
     proc = subprocess.Popen(
         cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
@@ -260,7 +244,7 @@ def test_interrupted_run_resumes_to_the_same_model(shards, reference, two_proces
     assert (out / "checkpoint.pt").exists()
     assert (os.stat(out / "checkpoint.pt").st_mode & 0o777) == 0o600  # private artifact: holds the seed
     resumed = subprocess.run(
-        _launch_cmd(2, free_port()) + _train_args(shards, out, tmp_path / "cache") + ["--resume"],
+        accelerate_launch(2) + _train_args(shards, out, tmp_path / "cache") + ["--resume"],
         cwd=REPO,
         env=_env(),
         capture_output=True,
@@ -289,7 +273,7 @@ def test_check_identical_detects_diverged_ranks(tmp_path):
         "d.close()\n"
     )
     proc = subprocess.run(
-        _launch_cmd(2, free_port()) + [str(script)], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120
+        accelerate_launch(2) + [str(script)], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     for rank in (0, 1):  # every rank sees the divergence, not only the one that differs

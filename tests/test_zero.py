@@ -7,12 +7,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, free_port, offline_env, prepare_data
+from conftest import REPO, accelerate_launch, offline_env, prepare_data
 from safetensors.torch import load_file
 
 from dpmix_dist.privacy.noise import gaussian_noise_slice
@@ -31,21 +30,6 @@ def _env(**extra) -> dict[str, str]:
     return offline_env(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=None, **extra)
 
 
-def _launch(num_processes: int, config: str = "cpu_2proc.yaml") -> list[str]:
-    config = "cpu_1proc.yaml" if num_processes == 1 else config
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        f"configs/accelerate/{config}",
-        "--num_processes",
-        str(num_processes),
-        "--main_process_port",
-        str(free_port()),
-    ]
-
-
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
@@ -56,7 +40,7 @@ def shards(tmp_path_factory) -> Path:
 
 
 def _run(shards: Path, out: Path, num_processes: int, *overrides: str, config: str = "cpu_2proc.yaml", env=None):
-    cmd = _launch(num_processes, config) + [
+    cmd = accelerate_launch(num_processes, config) + [
         "launch/finetune.py",
         "--config",
         "tiny_test",
@@ -138,7 +122,7 @@ def test_zero_gradients_release_pure_noise_on_every_coordinate_once(tmp_path, wo
     drawn whole, σC/(qN) per coordinate: no coordinate without noise, none noised twice (either would differ)."""
     script, result = tmp_path / "pure_noise.py", tmp_path / "released.pt"
     script.write_text(PURE_NOISE)
-    cmd = _launch(world_size) + [str(script), str(result), "2"]
+    cmd = accelerate_launch(world_size) + [str(script), str(result), "2"]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     released = torch.load(result)["released"]
@@ -192,7 +176,7 @@ def test_zero_checkpoints_are_one_shard_file_per_rank_and_resume_at_any_world_si
     script.write_text(SHARDED_RESUME)
 
     def launch(world_size: int, mode: str, stage: int) -> None:
-        cmd = _launch(world_size) + [str(script), str(shards), str(tmp_path), mode, str(stage)]
+        cmd = accelerate_launch(world_size) + [str(script), str(shards), str(tmp_path), mode, str(stage)]
         proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, proc.stderr[-3000:]
 
