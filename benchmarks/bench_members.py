@@ -2,10 +2,12 @@
 
     .venv/bin/python benchmarks/bench_members.py                 # EfficientNet-Lite0 (offline weights), 32 px
     .venv/bin/python benchmarks/bench_members.py --image-size 64 --batch 512
+    .venv/bin/python benchmarks/bench_members.py --image-size 64 --batch 64   # the demo's frozen pass
 
 Each row: the frozen prefix of the offline default's model on one batch of random inputs, timed as the median of
 repeated calls after a warm-up: NCHW vs channels-last memory layout, fp32 vs bf16 autocast, torch.no_grad vs
-torch.inference_mode. The last line is JSON with the ratios against fp32 NCHW no_grad. Run it on quiet cores.
+torch.inference_mode, and (fp32 no_grad) the prefix with its BatchNorms folded into the convolutions
+(`performance.fold_frozen_norm`, dpmix_dist/fold.py; the copy is made per layout). The last line is JSON with the ratios against fp32 NCHW no_grad. Run it on quiet cores.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 
 import torch
 
+from dpmix_dist.fold import folded_prefix
 from dpmix_dist.models import build_dp_model
 
 
@@ -55,6 +58,9 @@ def main() -> None:
                 name = f"{layout:13} {'bf16' if bf16 else 'fp32'} {'inference_mode' if inference else 'no_grad':14}"
                 rows[name] = _members_per_s(dp.cut.prefix, xl, bf16, inference, args.repeats)
                 print(f"{name} {rows[name]:8.0f} members/s", flush=True)
+        name = f"{layout:13} fp32 no_grad         folded"
+        rows[name] = _members_per_s(folded_prefix(dp, xl[:1]), xl, False, False, args.repeats)
+        print(f"{name} {rows[name]:8.0f} members/s", flush=True)
     base = rows[next(iter(rows))]
     names = {k: "/".join(k.split()) for k in rows}
     print(

@@ -253,6 +253,8 @@ class DPModel:
     cut: ModelCut
     tail_module: TailModule
     trainable_names: list[str]  # names in tail_module.named_parameters()
+    trainable: str = "all"  # where the model was cut (`cut_model`'s arguments), to cut a copy the same way
+    num_trainable_blocks: int = 1
 
     def trainable_params(self) -> dict[str, nn.Parameter]:
         params = dict(self.tail_module.named_parameters())
@@ -310,4 +312,4 @@ def make_dp_model(
     trainable_names = [n for n, p in tail_module.named_parameters() if p.requires_grad]
     if not trainable_names:
         raise ModelError("nothing to train: model.trainable selects no parameter")
-    return DPModel(model, cut, tail_module, trainable_names)
+    return DPModel(model, cut, tail_module, trainable_names, trainable, num_trainable_blocks)

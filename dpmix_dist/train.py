@@ -9,6 +9,7 @@ the ZeRO stage or the micro-batch size, and a resumed run continues exactly wher
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from dpmix_dist.data.shards import read_metadata
 from dpmix_dist.data.store import ExampleStore
 from dpmix_dist.distributed import Distributed
 from dpmix_dist.errors import DataError
+from dpmix_dist.fold import folded_prefix
 from dpmix_dist.models import build_dp_model, check_model_name
 from dpmix_dist.optim import build_optimizer, optimizer_state_bytes
 from dpmix_dist.privacy.clipping import per_example_grads
@@ -103,6 +105,9 @@ class Trainer:
             self.dp_model.model.to(memory_format=torch.channels_last)
         self.params = self.dp_model.trainable_params()
         self.inputs = RunInputs(config, self.metadata, self.dp_model, dist)
+        if config.performance.fold_frozen_norm:  # the frozen prefix from a BatchNorm-folded copy (fold.py)
+            faster = folded_prefix(self.dp_model, self.inputs.mid_grey())
+            self.dp_model.cut = dataclasses.replace(self.dp_model.cut, prefix=faster)
         self._to_input = self.inputs.to_input
         self.zero_stage = resolve_stage(config.performance.zero_stage, dist)
         build = lambda tensors: build_optimizer(config.optim, tensors, self.guarantee.steps)  # noqa: E731

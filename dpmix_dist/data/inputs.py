@@ -171,6 +171,7 @@ class RunInputs:
                 norm=m.norm,
                 cut=[m.trainable, m.num_trainable_blocks],
                 channels_last=perf.channels_last,
+                fold_frozen_norm=perf.fold_frozen_norm,
                 batch_size=perf.eval_batch_size,
                 threads=torch.get_num_threads(),
                 device=self.dist.device.type,
