@@ -7,7 +7,8 @@
 Each row: the frozen prefix of the offline default's model on one batch of random inputs, timed as the median of
 repeated calls after a warm-up: NCHW vs channels-last memory layout, fp32 vs bf16 autocast, torch.no_grad vs
 torch.inference_mode, and (fp32 no_grad) the prefix with its BatchNorms folded into the convolutions
-(`performance.fold_frozen_norm`, dpmix_dist/fold.py; the copy is made per layout). The last line is JSON with the ratios against fp32 NCHW no_grad. Run it on quiet cores.
+(`performance.fold_frozen_norm`, dpmix_dist/fold.py; the copy is made per layout). The last line is JSON with the
+ratios against fp32 NCHW no_grad. Run it on quiet cores.
 """
 
 from __future__ import annotations
