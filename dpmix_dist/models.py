@@ -195,6 +195,35 @@ def _cut_vit(m: nn.Module, n: int) -> ModelCut:
     return ModelCut(prefix, tail, [*head, m.norm, getattr(m, "fc_norm", nn.Identity()), m.get_classifier()])
 
 
+def _cut_head(m: nn.Module) -> ModelCut:
+    """The classifier alone trains: the prefix ends at the pre-logits (pooled) features, timm's
+    `forward_head(pre_logits=True)`, so cached features are one vector per image (at 64 px, EfficientNet's are 4x
+    smaller than its last feature map; at 224 px 49x). Models whose classifier is not all that follows the
+    pre-logits (checked on one random input) are cut before the head instead."""
+    classifier = m.get_classifier()
+
+    def prefix(x):
+        return m.forward_head(m.forward_features(x), pre_logits=True)
+
+    probe = torch.randn(2, 3, *_input_size(m), generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            exact = torch.allclose(classifier(prefix(probe)), m.forward_head(m.forward_features(probe)), atol=1e-5)
+    except (TypeError, RuntimeError):  # no pre_logits argument, or a classifier that does not take the pre-logits
+        exact = False
+    if not exact:
+        return ModelCut(m.forward_features, m.forward_head, [classifier])
+    return ModelCut(prefix, classifier, [classifier])
+
+
+def _input_size(m: nn.Module) -> tuple[int, int]:
+    """An input size the model accepts (ViTs are built for one; convnets take any: a small one)."""
+    patch_embed = getattr(m, "patch_embed", None)
+    if patch_embed is not None and getattr(patch_embed, "img_size", None) is not None:
+        return tuple(patch_embed.img_size)
+    return (32, 32)
+
+
 _BLOCK_CUTTERS = {
     "EfficientNet": _cut_efficientnet,
     "ResNet": _cut_resnet,
@@ -207,7 +236,7 @@ def cut_model(model: nn.Module, trainable: str, num_trainable_blocks: int) -> Mo
     if trainable == "all":
         return ModelCut(lambda x: x, model.forward, [model])  # a bound method: TailModule must not re-register model
     if trainable == "head":
-        return ModelCut(model.forward_features, model.forward_head, [model.get_classifier()])
+        return _cut_head(model)
     kind = type(model).__name__
     if kind not in _BLOCK_CUTTERS:
         raise ModelError(

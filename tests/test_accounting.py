@@ -108,3 +108,16 @@ def test_progress_bar_epsilon_is_an_upper_bound_exact_at_the_end_and_cheap():
     assert all(b >= e for b, e in zip(bound, exact)) and bound == sorted(bound)
     assert len(set(bound[1:])) <= 50 and bound[1] > 0
     assert Guarantee(0.0, 0.01, 10, 1e-5, "none", float("inf"), 100).epsilon_bound(3) == float("inf")
+
+
+@pytest.mark.parametrize("accountant", accounting.ACCOUNTANTS)
+@pytest.mark.parametrize("sigma,q,steps,delta", CASES)
+def test_epsilon_with_the_one_step_rdp_reused_is_opacus_epsilon_bit_for_bit(sigma, q, steps, delta, accountant):
+    """`epsilon_spent` reuses one step's RDP across step counts (a run asks for ε at ~70 of them); opacus' own
+    accountant, recomputing everything, must give the very same float."""
+    from opacus.accountants import create_accountant
+
+    for t in (1, steps // 3, steps):
+        reference = create_accountant(mechanism=accountant)
+        reference.history = [(sigma, q, t)]
+        assert accounting.epsilon_spent(sigma, q, t, delta, accountant) == float(reference.get_epsilon(delta=delta))

@@ -118,3 +118,33 @@ def test_hub_weights_offline_fail_with_the_fix(monkeypatch):
         ModelError, match="model.weights=hub: could not fetch pretrained test_efficientnet.*model.weights=/path"
     ):
         create_backbone("test_efficientnet", "hub", num_classes=10)
+
+
+class _ScaledHead(nn.Module):
+    """A model whose forward_head does more than its classifier after the pre-logits (it doubles the logits)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8, 4)
+
+    def forward_features(self, x):
+        return self.conv(x)
+
+    def forward_head(self, x, pre_logits: bool = False):
+        x = x.mean((2, 3))
+        return x if pre_logits else 2 * self.fc(x)
+
+    def get_classifier(self):
+        return self.fc
+
+
+def test_head_cut_ends_at_the_pre_logits_only_where_the_classifier_is_all_that_follows():
+    dp = make_dp_model(timm.create_model("test_efficientnet", num_classes=4), trainable="head")
+    assert dp.cut.prefix(torch.zeros(1, 3, 32, 32)).shape == (1, dp.model.num_features)  # pooled: one vector
+    model = _ScaledHead()
+    nn.init.normal_(model.fc.weight)
+    dp = make_dp_model(model, trainable="head")
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert dp.cut.prefix(x).dim() == 4  # cut before the head: the classifier alone would lose the doubling
+        torch.testing.assert_close(dp.cut.tail(dp.cut.prefix(x)), model.forward_head(model.forward_features(x)))

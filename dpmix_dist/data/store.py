@@ -88,6 +88,11 @@ class ExampleStore:
         return self._labels[global_indices]
 
 
+# Raised when what a cut's prefix returns changes for the same settings (2: `trainable=head` caches the pooled
+# pre-logits, not the last feature map), so older cache files are never read as the new features.
+FEATURE_CACHE_FORMAT = 2
+
+
 def weights_digest(model: torch.nn.Module) -> str:
     """SHA-256 of every weight and buffer of `model` (names and bytes)."""
     h = hashlib.sha256()
@@ -103,6 +108,7 @@ def feature_cache_key(weights: str, shards: dict, owned: torch.Tensor, **setting
     prefix (where the model is cut, input size, memory layout, batch size, threads, torch version). Equal keys give
     bit-identical features."""
     h = hashlib.sha256(weights.encode())
-    h.update(json.dumps({"shards": shards, "settings": settings, "torch": torch.__version__}, sort_keys=True).encode())
+    record = {"shards": shards, "settings": settings, "torch": torch.__version__, "format": FEATURE_CACHE_FORMAT}
+    h.update(json.dumps(record, sort_keys=True).encode())
     h.update(owned.numpy().tobytes())
     return h.hexdigest()[:32]

@@ -4,10 +4,51 @@ from __future__ import annotations
 
 import functools
 
-from opacus.accountants import create_accountant
+import numpy as np
+from opacus.accountants import PRVAccountant, RDPAccountant, create_accountant
+from opacus.accountants.analysis import rdp as rdp_analysis
+from opacus.accountants.analysis.prv import Domain
 from opacus.accountants.utils import get_noise_multiplier
 
 ACCOUNTANTS = ("prv", "rdp")
+
+
+@functools.lru_cache(maxsize=64)
+def _rdp_of_one_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
+    """opacus' RDP of one step at its default orders. T steps have T times this: opacus computes it as exactly that
+    product (`compute_rdp`), so reusing it is bit-identical, and it is the slow part (~0.2 s per (σ, q))."""
+    return rdp_analysis.compute_rdp(
+        q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS
+    )
+
+
+def _rdp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+    """What opacus' RDPAccountant.get_epsilon returns for this history, from the cached one-step RDP."""
+    rdp = _rdp_of_one_step(noise_multiplier, sample_rate) * steps
+    eps, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
+    return float(eps)
+
+
+class _PRVAccountant(PRVAccountant):
+    """opacus' PRV accountant, with the RDP bound it sizes its discretization domain with computed once per (σ, q)
+    instead of twice per call: a run asks for ε at ~70 step counts (evaluations, progress bar), ~0.5 s each in opacus
+    and ~0.1 s here. Same domain, same ε, bit for bit (tests/test_accounting.py compares the two).
+
+    `_get_domain` is opacus' (1.5) remark-5.6 domain of Gopi et al. for one (σ, q) history entry; opacus is pinned,
+    and the test fails if its result ever differs."""
+
+    def _get_domain(self, prvs, num_self_compositions, eps_error, delta_error):
+        if len(prvs) != 1:
+            return super()._get_domain(prvs, num_self_compositions, eps_error, delta_error)
+        (prv,), (steps,) = prvs, num_self_compositions
+        sigma, q = prv.noise_multiplier, prv.sample_rate
+        bound = max(
+            _rdp_epsilon(sigma, q, steps, delta_error / 4),
+            _rdp_epsilon(sigma, q, 1, delta_error / (8 * steps)),
+        )
+        half_width = max(bound, eps_error) + 3
+        mesh_size = eps_error / np.sqrt(steps * np.log(12 / delta_error) / 2)
+        return Domain.create_aligned(-half_width, half_width, mesh_size)
 
 
 # Pure functions of their arguments, and slow (RDP calibration of a small data set takes ~10 s): the trainer, the
@@ -20,7 +61,9 @@ def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta
     """
     if steps <= 0:
         return 0.0
-    acc = create_accountant(mechanism=accountant)
+    if accountant == "rdp":
+        return _rdp_epsilon(noise_multiplier, sample_rate, steps, delta)
+    acc = _PRVAccountant() if accountant == "prv" else create_accountant(mechanism=accountant)
     acc.history = [(noise_multiplier, sample_rate, steps)]
     return float(acc.get_epsilon(delta=delta))
 
