@@ -213,7 +213,11 @@ def _cut_head(m: nn.Module) -> ModelCut:
         exact = False
     if not exact:
         return ModelCut(m.forward_features, m.forward_head, [classifier])
-    return ModelCut(prefix, classifier, [classifier])
+
+    def tail(x):  # a function, not the module itself: TailModule must not register the classifier a second time
+        return classifier(x)
+
+    return ModelCut(prefix, tail, [classifier])
 
 
 def _input_size(m: nn.Module) -> tuple[int, int]:

@@ -148,3 +148,12 @@ def test_head_cut_ends_at_the_pre_logits_only_where_the_classifier_is_all_that_f
     with torch.no_grad():
         assert dp.cut.prefix(x).dim() == 4  # cut before the head: the classifier alone would lose the doubling
         torch.testing.assert_close(dp.cut.tail(dp.cut.prefix(x)), model.forward_head(model.forward_features(x)))
+
+
+@pytest.mark.parametrize("trainable", ["head", "last_blocks", "all"])
+def test_the_tail_module_holds_each_parameter_once_under_the_model_s_names(trainable):
+    """TailModule's parameter names are the model's; a cut that handed it a submodule as its tail would register the
+    module twice (functional_call then swaps one name and leaves the other, breaking a later deepcopy)."""
+    dp = make_dp_model(timm.create_model("test_efficientnet", num_classes=4), trainable=trainable)
+    names = [name for name, _ in dp.tail_module.named_parameters(remove_duplicate=False)]
+    assert names == ["model." + name for name, _ in dp.model.named_parameters()]
