@@ -10,8 +10,9 @@
 `--non-private METHODS` adds one run per replicate of each of those methods with privacy.enabled=false (no
 clipping, no noise: the ceiling), shown as the "non-private" column and as dashed lines in the plot.
 
-Each combination is `launch/finetune.py` with privacy.target_epsilon, augment.method and its own output folder
-(OUTPUT/METHOD-epsE-repR). `--seeds` are replicate labels, not seeds: every run draws its own secret seed.
+Each combination is the finetune command (`python -m dpmix_dist.commands.finetune`, so no checkout is needed) with
+privacy.target_epsilon, augment.method and its own output folder (OUTPUT/METHOD-epsE-repR). `--seeds` are
+replicate labels, not seeds: every run draws its own secret seed.
 The parent run receives a plot of final test accuracy against ε (one line per method, error bars = standard
 deviation over replicates), the same as CSV and as a Markdown table. Interrupted (Ctrl-C, SIGTERM) and started
 again with the same command, the sweep skips finished combinations and resumes the one it was in.
@@ -41,8 +42,6 @@ from pathlib import Path
 from dpmix_dist import summary as summary_json
 from dpmix_dist.config import Config, load_config
 from dpmix_dist.errors import ConfigError, run_command
-
-REPO = Path(__file__).resolve().parent.parent  # launch/finetune.py runs each combination
 
 
 def _floats(text: str) -> list[float]:
@@ -300,7 +299,8 @@ def _sweep(args: argparse.Namespace, started: float) -> int:
             shutil.rmtree(run_dir)
         cmd = [
             *launcher,
-            str(REPO / "launch/finetune.py"),
+            "-m",  # the installed package's command (python -m, accelerate launch -m, torchrun -m): no checkout needed
+            "dpmix_dist.commands.finetune",
             "--config",
             args.config,
             "--output-dir",

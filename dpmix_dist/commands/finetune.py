@@ -275,3 +275,7 @@ def _finish_tracker(tracker, config, trainer, summary: dict, world_size: int) ->
             f"(ε={summary['epsilon']:.3f}, δ={summary['delta']:g}); MLflow {tracker.uri}, run {tracker.run_id}",
             flush=True,
         )
+
+
+if __name__ == "__main__":  # `python -m dpmix_dist.commands.finetune`, as sweeps launch each run
+    sys.exit(main())
