@@ -417,8 +417,12 @@ class LayerwiseClipper:
         if layer.norm_sq is not None:
             name = type(layer.module).__qualname__
             raise UnsupportedLayer(f"{name}: its output received two gradients; {_FIX_RUN}", (name,))
-        with torch.autocast(grad.device.type, enabled=False):
-            layer.norm_sq = self._norms_sq(layer, grad.detach().view(layer.out_meta[0]))
+        gy = grad.detach().view(layer.out_meta[0])
+        if torch.is_autocast_enabled(gy.device.type):  # entering the context costs more than a small layer's math
+            with torch.autocast(gy.device.type, enabled=False):
+                layer.norm_sq = self._norms_sq(layer, gy)
+        else:
+            layer.norm_sq = self._norms_sq(layer, gy)
         if not layer.ghost:
             layer.inputs = layer.grad_out = None
 
@@ -472,18 +476,21 @@ class LayerwiseClipper:
     def _linear(self, layer: _Captured, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """a (n, t, d_in), b (n, t, d_out) per group."""
         n, t, d_in = a.shape
-        sq = torch.zeros(n, device=a.device, dtype=torch.float32)
         a32, b32 = a.float(), b.float()  # no copy in fp32
-        if "weight" in layer.names:
-            if _direct(t, d_in, b.shape[-1]):
-                g = torch.bmm(b32.mT, a32)  # (n, d_out, d_in)
-                layer.per_group["weight"] = g
-                sq += _sq_norms(g)
-            else:
-                layer.ghost = True
-                sq += _gram_dot(a32, b32)
-                layer.inputs, layer.grad_out = a, b  # the clipped sum is formed from them (book-keeping)
-        if "bias" in layer.names:
+        names = layer.names
+        if "weight" in names and not _direct(t, d_in, b.shape[-1]):
+            # ghost: [weight | bias] is one Linear over [A | 1], so the bias adds 1 to every entry of A's Gram
+            layer.ghost = True
+            layer.inputs, layer.grad_out = a, b  # the clipped sum is formed from them (book-keeping)
+            a_gram = torch.bmm(a32, a32.mT)
+            if "bias" in names:
+                a_gram += 1
+            return (a_gram * torch.bmm(b32, b32.mT)).sum((1, 2))
+        sq = torch.zeros(n, device=a.device, dtype=torch.float32)
+        if "weight" in names:
+            layer.per_group["weight"] = g = torch.bmm(b32.mT, a32)  # (n, d_out, d_in)
+            sq += _sq_norms(g)
+        if "bias" in names:
             layer.per_group["bias"] = gb = b32.sum(1)
             sq += _sq_norms(gb)
         return sq
@@ -620,6 +627,8 @@ class LayerwiseClipper:
     # ---------------------------------------------------------------------------------------- clipped sum
 
     def _clipped(self, layer: _Captured, factors: torch.Tensor) -> dict[str, torch.Tensor]:
+        if layer.ghost and layer.rule.kind == "linear":
+            return self._ghost_linear_sum(layer, factors)
         out = {}
         for attr, name in layer.names.items():
             shape = self.params[name].shape
@@ -630,6 +639,26 @@ class LayerwiseClipper:
                 out[name] = torch.matmul(factors, g.float().flatten(1)).reshape(shape)
         layer.inputs = layer.grad_out = None
         layer.per_group = {}
+        return out
+
+    def _ghost_linear_sum(self, layer: _Captured, factors: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Σ_i c_i g_i of a ghost Linear's weight (and bias) from the kept A (n, t, d_in) and B (n, t, d_out): the
+        weight gradient with each group's A or B, whichever is smaller, scaled by its factor; the bias from B."""
+        a, b = layer.inputs.float(), layer.grad_out.float()
+        scale_b = a.numel() > b.numel()
+        if scale_b:
+            b = b * factors.view(-1, 1, 1)
+        else:
+            a = a * factors.view(-1, 1, 1)
+        names, d_out = layer.names, b.shape[-1]
+        out = {
+            names["weight"]: (b.reshape(-1, d_out).mT @ a.reshape(-1, a.shape[-1])).reshape(
+                self.params[names["weight"]].shape
+            )
+        }
+        if "bias" in names:
+            out[names["bias"]] = b.sum((0, 1)) if scale_b else factors @ b.sum(1)
+        layer.inputs = layer.grad_out = None
         return out
 
     def _ghost_weight_sum(self, layer: _Captured, factors: torch.Tensor) -> torch.Tensor:
