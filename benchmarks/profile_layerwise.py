@@ -27,7 +27,8 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 from bench_step import CASES, FULL_CASES  # noqa: E402
 
 from dpmix_dist.models import build_dp_model  # noqa: E402
-from dpmix_dist.privacy.layerwise import LayerwiseClipper, _conv_input  # noqa: E402
+from dpmix_dist.privacy.layer_grads import conv_input  # noqa: E402
+from dpmix_dist.privacy.layerwise import LayerwiseClipper  # noqa: E402
 
 
 def _label(layer) -> str:
@@ -46,7 +47,7 @@ def _nonprivate_wgrad(layer, a: torch.Tensor, b: torch.Tensor) -> None:
     if kind == "linear":
         b.reshape(-1, b.shape[-1]).mT @ a.reshape(-1, a.shape[-1])
     elif kind == "conv":
-        a, padding = _conv_input(mod, a, layer.rule)  # 'same' and reflect paddings replayed, as the engine does
+        a, padding = conv_input(mod, a, layer.rule.same_pad)  # 'same' and reflect paddings replayed, as the engine does
         torch.ops.aten.convolution_backward(
             b,
             a,

@@ -1,4 +1,6 @@
-"""Per-group clipped gradient sums from one forward and one backward, layer by layer (ghost norm + book-keeping).
+"""Per-group clipped gradient sums from one forward and one backward, layer by layer (ghost norm + book-keeping):
+the engine. It owns the hooks, the book-keeping and the choice of path per layer; the closed forms it applies, per
+layer type, are in `layer_grads.py`.
 
 For each trainable layer the forward keeps its input A and the backward gives the gradient B of the loss with
 respect to its output; no parameter gradient is formed by autograd. A group's gradient for a Linear layer is
@@ -42,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
+from dpmix_dist.privacy import layer_grads as lg
 from dpmix_dist.privacy.clipping import clip_factors
 
 _FIX = "performance.engine=auto falls back to the generic engine (performance.engine=functorch)"
@@ -181,39 +184,6 @@ def _direct(t: int, d_in: int, d_out: int) -> bool:
     return d_in * d_out <= _DIRECT_OVER_GHOST_MEMORY * t * (d_in + d_out)
 
 
-def _pad_same(x: torch.Tensor, kernel: tuple, stride: tuple, dilation: tuple) -> torch.Tensor:
-    """TensorFlow 'same' padding (timm's Conv2dSame pads in forward, the extra pixel right/bottom)."""
-    pads = []
-    for size, k, s, d in zip(x.shape[-2:], kernel, stride, dilation):
-        total = max((-(size // -s) - 1) * s + (k - 1) * d + 1 - size, 0)
-        pads.append((total // 2, total - total // 2))
-    (top, bottom), (left, right) = pads
-    return F.pad(x, (left, right, top, bottom))
-
-
-def _pad_static(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """Conv2d's own padding, as its forward applies it: 'same' (the odd pixel right/bottom), 'valid', or (h, w), with
-    zeros or its padding_mode."""
-    if conv.padding == "valid":
-        return x
-    if conv.padding == "same":
-        totals = [d * (k - 1) for k, d in zip(conv.kernel_size, conv.dilation)]
-        (top, bottom), (left, right) = ((t // 2, t - t // 2) for t in totals)
-    else:
-        (top, bottom), (left, right) = ((p, p) for p in conv.padding)
-    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-    return F.pad(x, (left, right, top, bottom), mode=mode)
-
-
-def _conv_input(conv: nn.Conv2d, x: torch.Tensor, rule: _Rule) -> tuple[torch.Tensor, tuple[int, int]]:
-    """The input as the convolution reads it and the zero padding left to apply: (0, 0) where this replays it."""
-    if rule.same_pad:  # timm's TF-style 'same' conv pads inside forward, asymmetrically
-        return _pad_same(x, conv.kernel_size, conv.stride, conv.dilation), (0, 0)
-    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
-        return _pad_static(x, conv), (0, 0)
-    return x, tuple(conv.padding)
-
-
 def _is_reshape(view: torch.Tensor, base: torch.Tensor) -> bool:
     """`view` holds all of `base`'s elements in its order: the gradient of one is the other's, reshaped."""
     return (
@@ -222,29 +192,6 @@ def _is_reshape(view: torch.Tensor, base: torch.Tensor) -> bool:
         and view.is_contiguous()
         and base.is_contiguous()
     )
-
-
-def _tokens(x: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """(b·G, ..., d) -> (b, G·T, d): the group's members' tokens joined on one axis."""
-    return x.reshape(num_groups, -1, x.shape[-1])
-
-
-def _join(x: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """(b·G, C, L) -> (b, C, G·L): the group's members' positions joined on the last axis (a view when G = 1)."""
-    members, c, length = x.shape
-    if members == num_groups:
-        return x
-    return x.reshape(num_groups, -1, c, length).transpose(1, 2).reshape(num_groups, c, -1)
-
-
-def _gram_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Σ_{s,t} (a_s·a_t)(b_s·b_t) for a (n, t, d), b (n, t, p): ‖b_iᵀ a_i‖² without forming b_iᵀ a_i."""
-    return (torch.bmm(a, a.mT) * torch.bmm(b, b.mT)).sum((1, 2))
-
-
-def _sq_norms(g: torch.Tensor) -> torch.Tensor:
-    """(n, ...) -> (n,) squared L2 norms, in fp32."""
-    return g.float().flatten(1).pow(2).sum(1)
 
 
 def _sources(layers: list[_Captured]) -> list[_Captured]:
@@ -417,8 +364,12 @@ class LayerwiseClipper:
         if layer.norm_sq is not None:
             name = type(layer.module).__qualname__
             raise UnsupportedLayer(f"{name}: its output received two gradients; {_FIX_RUN}", (name,))
-        with torch.autocast(grad.device.type, enabled=False):
-            layer.norm_sq = self._norms_sq(layer, grad.detach().view(layer.out_meta[0]))
+        gy = grad.detach().view(layer.out_meta[0])
+        if torch.is_autocast_enabled(gy.device.type):  # entering the context costs more than a small layer's math
+            with torch.autocast(gy.device.type, enabled=False):
+                layer.norm_sq = self._norms_sq(layer, gy)
+        else:
+            layer.norm_sq = self._norms_sq(layer, gy)
         if not layer.ghost:
             layer.inputs = layer.grad_out = None
 
@@ -434,58 +385,45 @@ class LayerwiseClipper:
         mod, kind, num_groups = layer.module, layer.rule.kind, self._num_groups
         layer.ghost = False
         if kind == "linear":
-            a, b = _tokens(layer.inputs, num_groups), _tokens(gy, num_groups)
-            return self._linear(layer, a, b)
+            return self._linear(layer, lg.tokens(layer.inputs, num_groups), lg.tokens(gy, num_groups))
         if kind == "conv":
             return self._conv(layer, layer.inputs, gy)
         if kind == "embedding":
-            return self._embedding(layer, gy)
+            layer.ghost = True
+            layer.inputs, layer.grad_out, sq = lg.embedding_ghost(layer.inputs, gy, mod, num_groups)
+            return sq
         if kind == "vit_tokens":
-            return self._elementwise(layer, self._vit_embedding_grads(layer, gy))
+            return self._elementwise(layer, lg.vit_token_grads(mod, gy, num_groups))
         x = layer.inputs
         if x is not None and x.is_floating_point():
             x = x.float()  # bf16 activations: fp32 per-example math (temporaries; nothing of them is kept)
         gy = gy.float()
         if kind == "convnext_gamma":
             y = x if mod.use_conv_mlp else x.permute(0, 3, 1, 2)  # the mlp ran channels-last
-            prod = (y * gy).reshape(num_groups, -1, gy.shape[1], gy[0, 0].numel()).sum((1, 3))
-            return self._elementwise(layer, {"gamma": prod})
+            return self._elementwise(layer, {"gamma": lg.convnext_gamma_grads(y, gy, num_groups)})
         if kind == "layer_norm":
-            if layer.channels_first:  # normalises the channel axis of (n, C, H, W)
-                x, gy = x.permute(0, 2, 3, 1), gy.permute(0, 2, 3, 1)
-            xhat = F.layer_norm(x, mod.normalized_shape, eps=mod.eps)
-            xhat, gy = xhat.reshape(num_groups, -1, xhat.shape[-1]), gy.reshape(num_groups, -1, gy.shape[-1])
-            return self._elementwise(layer, {"weight": (xhat * gy).sum(1), "bias": gy.sum(1)})
+            return self._elementwise(layer, lg.layer_norm_grads(x, gy, mod, num_groups, layer.channels_first))
         if kind == "group_norm":
-            xhat = F.group_norm(x, mod.num_groups, eps=mod.eps)  # (n·G, C, H, W) -> channels on axis 1
-            c, hw = xhat.shape[1], xhat[0, 0].numel()
-            xhat, gy = xhat.reshape(num_groups, -1, c, hw), gy.reshape(num_groups, -1, c, hw)
-            return self._elementwise(layer, {"weight": (xhat * gy).sum((1, 3)), "bias": gy.sum((1, 3))})
-        # scale: out = x * gamma over the channel axis (axis 1 of (n, C, ...) or the last axis)
-        (attr,) = layer.names
-        if layer.channels_first:
-            prod = (x * gy).reshape(num_groups, -1, x.shape[1], x[0, 0].numel()).sum((1, 3))
-        else:
-            prod = (x * gy).reshape(num_groups, -1, x.shape[-1]).sum(1)
-        return self._elementwise(layer, {attr: prod})
+            return self._elementwise(layer, lg.group_norm_grads(x, gy, mod, num_groups))
+        (attr,) = layer.names  # scale
+        return self._elementwise(layer, {attr: lg.scale_grads(x, gy, num_groups, layer.channels_first)})
 
     def _linear(self, layer: _Captured, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """a (n, t, d_in), b (n, t, d_out) per group."""
         n, t, d_in = a.shape
-        sq = torch.zeros(n, device=a.device, dtype=torch.float32)
         a32, b32 = a.float(), b.float()  # no copy in fp32
-        if "weight" in layer.names:
-            if _direct(t, d_in, b.shape[-1]):
-                g = torch.bmm(b32.mT, a32)  # (n, d_out, d_in)
-                layer.per_group["weight"] = g
-                sq += _sq_norms(g)
-            else:
-                layer.ghost = True
-                sq += _gram_dot(a32, b32)
-                layer.inputs, layer.grad_out = a, b  # the clipped sum is formed from them (book-keeping)
-        if "bias" in layer.names:
+        names = layer.names
+        if "weight" in names and not _direct(t, d_in, b.shape[-1]):
+            layer.ghost = True
+            layer.inputs, layer.grad_out = a, b  # the clipped sum is formed from them (book-keeping)
+            return lg.linear_ghost_norm_sq(a32, b32, "bias" in names)
+        sq = torch.zeros(n, device=a.device, dtype=torch.float32)
+        if "weight" in names:
+            layer.per_group["weight"] = g = lg.linear_per_group(a32, b32)
+            sq += lg.sq_norms(g)
+        if "bias" in names:
             layer.per_group["bias"] = gb = b32.sum(1)
-            sq += _sq_norms(gb)
+            sq += lg.sq_norms(gb)
         return sq
 
     @staticmethod
@@ -502,158 +440,73 @@ class LayerwiseClipper:
                 ("VisionTransformer",),
             )
 
-    def _vit_embedding_grads(self, layer: _Captured, gz: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-group gradients of cls_token / reg_token / pos_embed from ∂L/∂z, z = the embedded sequence."""
-        vit, gz = layer.module, gz.float()
-        g = gz.reshape(self._num_groups, -1, *gz.shape[1:]).sum(1)  # (n, T, D): the group's views summed
-        num_cls = 1 if vit.cls_token is not None else 0
-        num_reg = vit.reg_token.shape[1] if vit.reg_token is not None else 0
-        grads = {}
-        if num_cls:
-            grads["cls_token"] = g[:, :1]
-        if num_reg:
-            grads["reg_token"] = g[:, num_cls : num_cls + num_reg]
-        if vit.pos_embed is not None:  # added as is (a resampled pos_embed is refused after the forward)
-            grads["pos_embed"] = g[:, vit.num_prefix_tokens :] if vit.no_embed_class else g
-        return grads
-
-    def _embedding(self, layer: _Captured, gy: torch.Tensor) -> torch.Tensor:
-        """Ghost norm of an embedding lookup: ‖G_i‖² = Σ_{s,t} [id_s = id_t] (B_s·B_t) over the group's tokens."""
-        mod = layer.module
-        ids = layer.inputs.reshape(self._num_groups, -1).long()
-        b = gy.float().reshape(self._num_groups, ids.shape[1], mod.embedding_dim)
-        if mod.padding_idx is not None:  # the padding row receives no gradient
-            b = b * (ids != mod.padding_idx).unsqueeze(-1)
-        same = ids.unsqueeze(2) == ids.unsqueeze(1)
-        layer.ghost = True
-        layer.inputs, layer.grad_out = ids, b
-        return (torch.bmm(b, b.mT) * same).sum((1, 2))
-
     def _elementwise(self, layer: _Captured, grads: dict[str, torch.Tensor]) -> torch.Tensor:
         sq = 0
         for attr in layer.names:
             layer.per_group[attr] = grads[attr]
-            sq = sq + _sq_norms(grads[attr])
+            sq = sq + lg.sq_norms(grads[attr])
         return sq
 
     def _conv(self, layer: _Captured, x: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
-        """A Linear over unfolded patches: t = G·L positions per group, d_in = C_in·k·k."""
+        """A Linear over unfolded patches, t = G·L positions per group, d_in = C_in·k·k: the path by shape."""
         mod, num_groups = layer.module, self._num_groups
         members, c_out, length = gy.shape[0], gy.shape[1], gy[0, 0].numel()
         kh, kw = mod.kernel_size
-        padded, padding = _conv_input(mod, x, layer.rule)
+        padded, padding = lg.conv_input(mod, x, layer.rule.same_pad)
         gy32 = gy.float()
         grads: dict[str, torch.Tensor] = {}
         if "bias" in layer.names:
-            grads["bias"] = gy32.sum((2, 3)).reshape(num_groups, -1, c_out).sum(1)
-        if mod.groups == mod.in_channels == mod.out_channels:
-            w = self._depthwise(mod, padded.float(), padding, gy32).reshape(num_groups, -1, *mod.weight.shape).sum(1)
+            grads["bias"] = lg.conv_bias_grads(gy32, num_groups)
+        if mod.groups == mod.in_channels == mod.out_channels:  # depthwise: per kernel offset, never unfolded
+            per_member = lg.depthwise_per_member(mod, padded.float(), padding, gy32)
+            w = per_member.reshape(num_groups, -1, *mod.weight.shape).sum(1)
             return self._elementwise(layer, {"weight": w, **grads})
-        if mod.groups > 1:  # grouped (e.g. depthwise): per-group gradients are small, form them directly
-            cols = F.unfold(padded.float(), mod.kernel_size, dilation=mod.dilation, padding=padding, stride=mod.stride)
-            a = cols.reshape(members, mod.groups, -1, length)  # (nG, g, C_in/g·k·k, L)
-            b = gy32.reshape(members, mod.groups, -1, length)  # (nG, g, C_out/g, L)
-            w = torch.einsum("vgol,vgil->vgoi", b, a).reshape(num_groups, -1, *mod.weight.shape).sum(1)
+        if mod.groups > 1:  # grouped: per-group gradients are small, form them directly
+            w = lg.grouped_conv_per_group(mod, padded, padding, gy32, num_groups)
             return self._elementwise(layer, {"weight": w, **grads})
-        d_in = mod.in_channels * kh * kw
-        direct = _direct(members // num_groups * length, d_in, c_out)
-        if (kh, kw) == (1, 1) and padding == (
-            0,
-            0,
-        ):  # a 1×1 convolution reads every stride-th pixel: no patches to unfold
-            cols = padded[:, :, :: mod.stride[0], :: mod.stride[1]].float().flatten(2)
-        elif not direct or length < _CONV_LOOP_MIN_POSITIONS:
-            cols = F.unfold(padded.float(), mod.kernel_size, dilation=mod.dilation, padding=padding, stride=mod.stride)
-        else:
-            cols = None
-        a, b = (None, None) if cols is None else (_join(cols, num_groups), _join(gy32.flatten(2), num_groups))
+        direct = _direct(members // num_groups * length, mod.in_channels * kh * kw, c_out)
+        if direct and not lg.is_pointwise(mod, padding) and length >= _CONV_LOOP_MIN_POSITIONS:
+            w = lg.conv_per_group_by_kernel(mod, padded, padding, gy32, num_groups)
+            return self._elementwise(layer, {"weight": w, **grads})
+        cols = lg.conv_columns(mod, padded, padding)
         if direct:
-            if cols is None:  # one weight-gradient kernel call per group, on its members
-                per = members // num_groups
-                w = torch.stack(
-                    [
-                        torch.nn.grad.conv2d_weight(
-                            padded[i * per : (i + 1) * per].float(),
-                            mod.weight.shape,
-                            gy32[i * per : (i + 1) * per],
-                            mod.stride,
-                            padding,
-                            mod.dilation,
-                        )
-                        for i in range(num_groups)
-                    ]
-                )
-            else:
-                w = torch.bmm(b, a.mT).reshape(num_groups, *mod.weight.shape)
+            w = lg.conv_per_group_from_columns(cols, gy32, num_groups, mod.weight.shape)
             return self._elementwise(layer, {"weight": w, **grads})
         layer.ghost = True
-        sq = _gram_dot(a.mT, b.mT)
+        sq = lg.conv_ghost_norm_sq(cols, gy32, num_groups)
         for attr, g in grads.items():
             layer.per_group[attr] = g
-            sq += _sq_norms(g)
+            sq += lg.sq_norms(g)
         layer.inputs, layer.grad_out = x, gy  # as the forward saw them: the clipped sum is a weight gradient of them
         return sq
-
-    @staticmethod
-    def _depthwise(conv: nn.Conv2d, x: torch.Tensor, padding: tuple[int, int], gy: torch.Tensor) -> torch.Tensor:
-        """Per-member weight gradients (members, C, 1, kh, kw) of a depthwise convolution without unfolding patches
-        (F.unfold of kh·kw copies of a many-channel input was most of EfficientNet-Lite0's clipping time): per kernel
-        offset, Σ_hw B · the pixels it reads; or, on a map with fewer positions than offsets, per output position,
-        B · the window it read."""
-        (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
-        x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
-        out_h, out_w = gy.shape[2:]
-        if out_h * out_w < kh * kw:
-            w = x.new_zeros(x.shape[0], x.shape[1], kh, kw)
-            for i in range(out_h):
-                for j in range(out_w):
-                    window = x[:, :, i * sh : i * sh + dh * (kh - 1) + 1 : dh, j * sw : j * sw + dw * (kw - 1) + 1 : dw]
-                    w += window * gy[:, :, i : i + 1, j : j + 1]
-            return w.unsqueeze(2)
-        w = x.new_empty(x.shape[0], x.shape[1], kh, kw)
-        for i in range(kh):
-            for j in range(kw):
-                seen = x[:, :, i * dh : i * dh + sh * (out_h - 1) + 1 : sh, j * dw : j * dw + sw * (out_w - 1) + 1 : sw]
-                w[:, :, i, j] = (seen * gy).sum((2, 3))
-        return w.unsqueeze(2)
 
     # ---------------------------------------------------------------------------------------- clipped sum
 
     def _clipped(self, layer: _Captured, factors: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Σ_i c_i g_i of each of this layer's parameters; lets go of what the layer kept."""
+        kind, names = layer.rule.kind, layer.names
         out = {}
-        for attr, name in layer.names.items():
-            shape = self.params[name].shape
-            if attr == "weight" and layer.ghost:
-                out[name] = self._ghost_weight_sum(layer, factors).reshape(shape)
-            else:
-                g = layer.per_group[attr]
-                out[name] = torch.matmul(factors, g.float().flatten(1)).reshape(shape)
+        if layer.ghost and kind == "linear":
+            weight, bias = lg.linear_clipped_sum(layer.inputs, layer.grad_out, factors, "bias" in names)
+            out = {names["weight"]: weight, **({names["bias"]: bias} if bias is not None else {})}
+        elif layer.ghost and kind == "embedding":
+            out = {
+                names["weight"]: lg.embedding_clipped_sum(
+                    layer.inputs, layer.grad_out, factors, layer.module.weight.shape
+                )
+            }
+        elif layer.ghost:  # conv: the weight from the kept input and B, the bias per group
+            out = {
+                names["weight"]: lg.conv_clipped_sum(
+                    layer.module, layer.inputs, layer.grad_out, factors, layer.rule.same_pad
+                )
+            }
+        for attr, name in names.items():
+            if name not in out:
+                out[name] = lg.weighted_sum(factors, layer.per_group[attr])
         layer.inputs = layer.grad_out = None
         layer.per_group = {}
-        return out
-
-    def _ghost_weight_sum(self, layer: _Captured, factors: torch.Tensor) -> torch.Tensor:
-        """Σ_i c_i g_i of a ghost layer's weight from the kept A and B (book-keeping: no second backward): the
-        weight gradient of A and B with each group's B (or A, whichever is smaller) scaled by its factor."""
-        mod, a, b = layer.module, layer.inputs, layer.grad_out
-        if layer.rule.kind == "embedding":
-            ids = a  # (n, T), b (n, T, D)
-            scaled = (b * factors.view(-1, 1, 1)).reshape(-1, b.shape[-1])
-            return torch.zeros(mod.weight.shape, device=b.device).index_add_(0, ids.reshape(-1), scaled)
-        per_member = factors.repeat_interleave(b.shape[0] // len(factors))  # a conv's A and B are per member
-        a32, b32 = a.float(), b.float()
-        scale = per_member.view(-1, *[1] * (a.dim() - 1)) if layer.rule.kind == "conv" else factors.view(-1, 1, 1)
-        if a.numel() <= b.numel():
-            a32 = a32 * scale
-        else:
-            b32 = b32 * scale
-        if layer.rule.kind == "conv":
-            padded, padding = _conv_input(mod, a32, layer.rule)
-            if mod.kernel_size == (1, 1) and padding == (0, 0):  # one matmul over the strided pixels: faster here
-                pixels = padded[:, :, :: mod.stride[0], :: mod.stride[1]].flatten(2)
-                return torch.einsum("vol,vil->oi", b32.flatten(2), pixels)
-            return torch.nn.grad.conv2d_weight(padded, mod.weight.shape, b32, mod.stride, padding, mod.dilation)
-        return b32.reshape(-1, b.shape[-1]).mT @ a32.reshape(-1, a.shape[-1])
+        return {name: out[name].reshape(self.params[name].shape) for name in names.values()}
 
     def clipped_sum(
         self,
