@@ -4,6 +4,7 @@ a JSON line for the offline default backbone at K = 1.
 
     python benchmarks/bench_step.py            # EfficientNet-Lite0 (offline weights) and ViT-Tiny, 32 px, K = 1, 16
     python benchmarks/bench_step.py --full     # adds vit_small and resnet50 (GroupNorm) at 224 px
+    python benchmarks/bench_step.py --full --modes dpmix_layerwise --rounds 3 --interleave   # steadiest ratios
     python benchmarks/bench_step.py --device cuda --precision bf16 --cases vit_b16_224px   # on a GPU
 
 Memory, two ways: `peak+MB` / `mem×np` are the process's peak RSS (above its RSS before the timed steps / over
@@ -93,62 +94,74 @@ def worker(
     y = torch.randint(0, 10, (batch, num_views), device=device)
     flat_x, flat_y = x.flatten(0, 1), y.flatten(0, 1)
 
-    if mode == "nonprivate":
-
-        def step():
-            with torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None):
-                loss = F.cross_entropy(model(flat_x), flat_y)
-            loss.backward()
-            for p in params.values():
-                p.grad = None
-    elif mode == "dpmix_layerwise":
-        engine = LayerwiseClipper(dp.tail_module, params)
-
-        def step():
-            engine.clipped_sum(x, y, 1.0, autocast_dtype=amp)
-    else:
-        from opacus import GradSampleModule
-        from opacus.grad_sample import GradSampleModuleFastGradientClipping
-        from opacus.optimizers import DPOptimizerFastGradientClipping
-        from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
-
-        model.train()  # opacus captures activations only in training mode; BatchNorm stays frozen
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.eval()
-        if mode == "opacus_ghost":
-            gsm = GradSampleModuleFastGradientClipping(
-                model, batch_first=True, loss_reduction="mean", max_grad_norm=1.0
-            )
-            opt = DPOptimizerFastGradientClipping(
-                torch.optim.SGD(params.values(), lr=0.0),
-                noise_multiplier=0.0,
-                max_grad_norm=1.0,
-                expected_batch_size=len(flat_x),
-                loss_reduction="mean",
-            )
-            criterion = DPLossFastGradientClipping(gsm, opt, torch.nn.CrossEntropyLoss(reduction="mean"), "mean")
+    def make(mode: str):
+        """The step of one mode, a closure over the shared model and batch."""
+        if mode == "nonprivate":
 
             def step():
                 with torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None):
-                    logits = gsm(flat_x)
-                loss = criterion(logits.float(), flat_y)
+                    loss = F.cross_entropy(model(flat_x), flat_y)
                 loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-        else:
-            gsm = GradSampleModule(
-                model, batch_first=True, loss_reduction="mean", strict=False, force_functorch=mode == "opacus_functorch"
-            )
-
-            def step():
-                with torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None):
-                    loss = F.cross_entropy(gsm(flat_x), flat_y)
-                loss.backward()
-                grads = {n: p.grad_sample for n, p in params.items()}
-                clipped_sum(grads, 1.0)
                 for p in params.values():
-                    p.grad, p.grad_sample = None, None
+                    p.grad = None
+        elif mode == "dpmix_layerwise":
+            engine = LayerwiseClipper(dp.tail_module, params)
+
+            def step():
+                engine.clipped_sum(x, y, 1.0, autocast_dtype=amp)
+        else:
+            from opacus import GradSampleModule
+            from opacus.grad_sample import GradSampleModuleFastGradientClipping
+            from opacus.optimizers import DPOptimizerFastGradientClipping
+            from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+            model.train()  # opacus captures activations only in training mode; BatchNorm stays frozen
+            for m in model.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+            if mode == "opacus_ghost":
+                gsm = GradSampleModuleFastGradientClipping(
+                    model, batch_first=True, loss_reduction="mean", max_grad_norm=1.0
+                )
+                opt = DPOptimizerFastGradientClipping(
+                    torch.optim.SGD(params.values(), lr=0.0),
+                    noise_multiplier=0.0,
+                    max_grad_norm=1.0,
+                    expected_batch_size=len(flat_x),
+                    loss_reduction="mean",
+                )
+                criterion = DPLossFastGradientClipping(gsm, opt, torch.nn.CrossEntropyLoss(reduction="mean"), "mean")
+
+                def step():
+                    with torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None):
+                        logits = gsm(flat_x)
+                    loss = criterion(logits.float(), flat_y)
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+            else:
+                gsm = GradSampleModule(
+                    model,
+                    batch_first=True,
+                    loss_reduction="mean",
+                    strict=False,
+                    force_functorch=mode == "opacus_functorch",
+                )
+
+                def step():
+                    with torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None):
+                        loss = F.cross_entropy(gsm(flat_x), flat_y)
+                    loss.backward()
+                    grads = {n: p.grad_sample for n, p in params.items()}
+                    clipped_sum(grads, 1.0)
+                    for p in params.values():
+                        p.grad, p.grad_sample = None, None
+
+        return step
+
+    if mode == "interleaved":  # non-private and DP steps alternating in this process
+        return _interleaved(make("nonprivate"), make("dpmix_layerwise"), steps, cuda)
+    step = make(mode)
 
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     step()  # warm-up
@@ -180,6 +193,35 @@ def worker(
     }
 
 
+def _interleaved(nonprivate, private, steps: int, cuda: bool) -> dict:
+    """Time non-private and DP steps alternately on one model and batch in one process: each DP step's ratio is to
+    the non-private step just before it, so the machine's drift over seconds cancels (separate processes minutes
+    apart swing by ±30% on the 2-core VM). At least max(steps, 10) pairs, up to 40 or ~8 s."""
+    import torch
+
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def timed(step) -> float:
+        start = time.perf_counter()
+        step()
+        sync()
+        return time.perf_counter() - start
+
+    for _ in range(2):  # warm-up
+        timed(nonprivate), timed(private)
+    pairs = []
+    while len(pairs) < max(steps, 10) or (sum(a + b for a, b in pairs) < 8 and len(pairs) < 40):
+        pairs.append((timed(nonprivate), timed(private)))
+    ratios = sorted(b / a for a, b in pairs)
+    return {
+        "pairs": len(pairs),
+        "nonprivate_seconds_per_step": statistics.median(a for a, _ in pairs),
+        "dp_seconds_per_step": statistics.median(b for _, b in pairs),
+        "time_ratio": statistics.median(ratios),
+        "time_ratio_quartiles": (ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]),
+    }
+
+
 def run_one(
     case: str,
     num_views: int,
@@ -201,6 +243,39 @@ def run_one(
         last = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1:] or ["?"]
         return {"error": last[0][:120]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _combine(rounds: list[dict], mode: str) -> dict:
+    """One mode's figures over the rounds: medians, and each ratio to non-private as the median of the per-round
+    ratios (each round's modes ran back to back, so a drift of the machine between rounds cancels)."""
+    pairs = [(r[mode], r["nonprivate"]) for r in rounds if "error" not in r[mode] and "error" not in r["nonprivate"]]
+    if not pairs:
+        errors = [r[mode] for r in rounds if "error" in r[mode]]
+        return errors[0] if errors else {"error": "non-private failed: no base to compare with"}
+    time_ratios = [m["seconds_per_step"] / b["seconds_per_step"] for m, b in pairs]
+    median = lambda key: statistics.median(m[key] for m, _ in pairs)  # noqa: E731
+    return {
+        "seconds_per_step": median("seconds_per_step"),
+        "peak_extra_mb": median("peak_extra_mb"),
+        "peak_mb": median("peak_mb"),
+        "step_mb": median("step_mb"),
+        "time_ratio": statistics.median(time_ratios),
+        "time_ratio_range": (min(time_ratios), max(time_ratios)),
+        "memory_ratio": statistics.median(m["peak_mb"] / b["peak_mb"] for m, b in pairs),
+        "step_memory_ratio": statistics.median(m["step_mb"] / max(b["step_mb"], 1e-9) for m, b in pairs),
+    }
+
+
+def _print_row(case: str, k: int, batch: int, mode: str, r: dict, rounds: int) -> None:
+    if "error" in r:
+        print(f"{case:20} {k:>3} {batch:>3} {mode:18} {r['error']}", flush=True)
+        return
+    spread = f" {r['time_ratio_range'][0]:6.2f}-{r['time_ratio_range'][1]:.2f}" if rounds > 1 else ""
+    print(
+        f"{case:20} {k:>3} {batch:>3} {mode:18} {r['seconds_per_step']:8.3f} {r['peak_extra_mb']:8.0f} "
+        f"{r['time_ratio']:8.2f} {r['memory_ratio']:7.2f} {r['step_mb']:7.0f} {r['step_memory_ratio']:7.2f}{spread}",
+        flush=True,
+    )
 
 
 def main() -> int:
@@ -227,6 +302,20 @@ def main() -> int:
         default=0,
         help="torch threads per mode (0: torch's default; 1 is steadier on a busy machine)",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every mode this many times, interleaved (non-private, DP, non-private, DP, ...), each in a fresh "
+        "process; ratios are the median of each round's ratio to that round's non-private run, with their range "
+        "(this 2-core VM drifts by ±30%% over minutes: rounds 3-5 make the small cases steady)",
+    )
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="also time non-private and layer-wise DP steps alternately in one process (one model, one batch) and "
+        "print the median ratio of each DP step to the non-private step before it: the steadiest time ratio",
+    )
     parser.add_argument("--worker", nargs=8, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -249,39 +338,49 @@ def main() -> int:
     print(f"device {args.device}, precision {args.precision}, threads {args.threads or 'default'}")
     print(
         f"{'case':20} {'K':>3} {'B':>3} {'mode':18} {'s/step':>8} {'peak+MB':>8} {'time×np':>8} {'mem×np':>7} "
-        f"{'stepMB':>7} {'step×np':>7}"
+        f"{'stepMB':>7} {'step×np':>7}" + (f" {'time×np range':>14}" if args.rounds > 1 else "")
     )
     for case, batches in cases:
         for k, batch in batches.items():
-            row = {}
-            for mode in modes:
-                row[mode] = r = run_one(
-                    case, k, mode, batch, args.steps, args.timeout, args.device, args.precision, args.threads
+            rounds = []
+            for _ in range(args.rounds):
+                rounds.append({})
+                for mode in modes:
+                    rounds[-1][mode] = run_one(
+                        case, k, mode, batch, args.steps, args.timeout, args.device, args.precision, args.threads
+                    )
+                    if args.rounds == 1:
+                        _print_row(case, k, batch, mode, _combine(rounds, mode), args.rounds)
+            row = {mode: _combine(rounds, mode) for mode in modes}
+            if args.rounds > 1:
+                for mode in modes:
+                    _print_row(case, k, batch, mode, row[mode], args.rounds)
+            if args.interleave and "dpmix_layerwise" in modes:
+                r = run_one(
+                    case, k, "interleaved", batch, args.steps, args.timeout, args.device, args.precision, args.threads
                 )
-                base = row["nonprivate"]
                 if "error" in r:
-                    print(f"{case:20} {k:>3} {batch:>3} {mode:18} {r['error']}")
-                    continue
-                t_ratio = r["seconds_per_step"] / base["seconds_per_step"]
-                m_ratio = r["peak_mb"] / base["peak_mb"]
-                s_ratio = r["step_mb"] / max(base["step_mb"], 1e-9)
-                print(
-                    f"{case:20} {k:>3} {batch:>3} {mode:18} {r['seconds_per_step']:8.3f} {r['peak_extra_mb']:8.0f} "
-                    f"{t_ratio:8.2f} {m_ratio:7.2f} {r['step_mb']:7.0f} {s_ratio:7.2f}",
-                    flush=True,
-                )
+                    print(f"{case:20} {k:>3} {batch:>3} {'interleaved':18} {r['error']}", flush=True)
+                else:
+                    q1, q3 = r["time_ratio_quartiles"]
+                    print(
+                        f"{case:20} {k:>3} {batch:>3} {'interleaved dp/np':18} {r['dp_seconds_per_step']:8.3f} "
+                        f"{'':8} {r['time_ratio']:8.2f}  (quartiles {q1:.2f}-{q3:.2f} over {r['pairs']} "
+                        f"step pairs in one process)",
+                        flush=True,
+                    )
             results[(case, k)] = row
     if ("effnet_lite0_32px", 1) not in results:
         return 0
     row = results[("effnet_lite0_32px", 1)]
-    ours, base = row["dpmix_layerwise"], row["nonprivate"]
-    if "dpmix_layerwise" not in row:
+    if "error" in row.get("dpmix_layerwise", {"error": "not run"}):
         return 0
+    ours = row["dpmix_layerwise"]
     opacus = [row[m]["seconds_per_step"] for m in row if m.startswith("opacus") and "error" not in row[m]]
     summary = {
         "case": "effnet_lite0_32px, K=1, B=32",
-        "dp_over_nonprivate_time": round(ours["seconds_per_step"] / base["seconds_per_step"], 3),
-        "dp_over_nonprivate_memory": round(ours["peak_mb"] / base["peak_mb"], 3),
+        "dp_over_nonprivate_time": round(ours["time_ratio"], 3),
+        "dp_over_nonprivate_memory": round(ours["memory_ratio"], 3),
         "best_opacus_over_dp_time": round(min(opacus) / ours["seconds_per_step"], 3) if opacus else None,
     }
     print(json.dumps(summary))
