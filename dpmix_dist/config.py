@@ -227,7 +227,7 @@ class PerformanceConfig:
     faster on these CPUs; results change only by float rounding)."""
     fold_frozen_norm: bool = True
     """Run the frozen prefix from a copy of the model whose eval-mode BatchNorms are folded into the convolution
-    before them (EfficientNet-Lite0 at 64 px: ~1.8x faster on these CPUs). The trained and saved model is unchanged;
+    before them (EfficientNet-Lite0 at 64 px: 1.6-1.75x faster on these CPUs). The trained and saved model is unchanged;
     features change only by float rounding, checked on random input when the run starts."""
     zero_stage: Literal[0, 1, 2] | None = None
     """ZeRO (README: ZeRO): 0 replicated; 1 each rank noises, updates and keeps optimizer state for its 1/W of the

@@ -3,8 +3,8 @@
 The frozen part of the backbone never trains and never runs under autograd: it computes cached features once per
 image, or each view's features once per step under DP-Mix. Its BatchNorms use their running statistics, so each is
 a per-channel affine map, which folds exactly (up to float rounding) into the weights and bias of the convolution
-whose output it normalizes. Measured on EfficientNet-Lite0 at 64 px, batches of 64, on the 2-core machine: ~390 ->
-~700 img/s (`benchmarks/bench_members.py`, figures in benchmarks/README.md).
+whose output it normalizes. Measured on EfficientNet-Lite0 at 64 px, batches of 64, on the 2-core machine: 374-423 ->
+654-667 img/s in two runs (`benchmarks/bench_members.py`, figures in benchmarks/README.md).
 
 The fold works on a copy of the model (the trained and saved model is untouched) and pairs a convolution with a
 BatchNorm by dataflow, traced on random input: the BatchNorm's input must be the very tensor the convolution
