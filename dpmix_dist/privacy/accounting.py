@@ -32,7 +32,8 @@ def _rdp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta:
 class _PRVAccountant(PRVAccountant):
     """opacus' PRV accountant, with the RDP bound it sizes its discretization domain with computed once per (σ, q)
     instead of twice per call: a run asks for ε at ~70 step counts (evaluations, progress bar), ~0.5 s each in opacus
-    and ~0.25 s here (the demo's profile). Same domain, same ε, bit for bit (tests/test_accounting.py compares the two).
+    and ~0.25 s here (the demo's profile). Same domain, same ε, bit for bit (tests/test_accounting.py compares
+    the two).
 
     `_get_domain` is opacus' (1.5) remark-5.6 domain of Gopi et al. for one (σ, q) history entry; opacus is pinned,
     and the test fails if its result ever differs."""
