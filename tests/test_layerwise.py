@@ -454,6 +454,9 @@ _CONVS = {
     "1x1": dict(kernel_size=1),
     "1x1_stride2": dict(kernel_size=1, stride=2),
     "1x1_padded": dict(kernel_size=1, padding=1),
+    "3x3_stride3_patches": dict(kernel_size=3, stride=3),  # a patch embedding: disjoint windows that tile the input
+    "4x4_stride4_ragged": dict(kernel_size=4, stride=4),  # 9 px: the last row and column are read by no window
+    "2x3_stride_3x4_gaps": dict(kernel_size=(2, 3), stride=(3, 4)),  # windows with pixels between them
     "3x3_groups2": dict(kernel_size=3, padding=1, groups=2),
     "3x3_depthwise": dict(kernel_size=3, padding=1, groups=8),  # one kernel offset at a time (81 positions > 9)
     "3x3_depthwise_stride2_dilation2": dict(kernel_size=3, stride=2, padding=2, dilation=2, groups=8),
@@ -483,9 +486,10 @@ def test_every_conv_path_matches_naive(monkeypatch, path, conv, num_views):
     grouped = layer.groups > 1
     assert engine._layers[0].ghost == (path == "ghost" and not grouped)
     expected_calls = {"ghost": 1, "direct_unfold": 0, "direct_kernel": 4}[path]
-    pointwise = layer.kernel_size == (1, 1) and (_CONVS[conv] or {}).get("padding", 0) == 0
-    if grouped or pointwise:
-        expected_calls = 0  # grouped: per-offset products or einsum; 1x1 unpadded: strided pixels, never the kernel
+    disjoint = (_CONVS[conv] or {}).get("padding", 0) == 0 and "dilation" not in (_CONVS[conv] or {})
+    disjoint = disjoint and all(s >= k for s, k in zip(layer.stride, layer.kernel_size))
+    if grouped or disjoint:
+        expected_calls = 0  # grouped: per-offset products or einsum; disjoint windows (1x1, patches): a strided view
     assert len(calls) == expected_calls
 
 

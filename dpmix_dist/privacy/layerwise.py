@@ -14,9 +14,10 @@ respect to its output; no parameter gradient is formed by autograd. A group's gr
 direct unless its per-group gradient would be more than 1.25× what ghost keeps (`_direct`). Each layer's work is
 done by a hook on its output as soon as autograd has B, in the backward: the direct layers' A and B are then let go
 at once, as non-private training lets go of them, so at most the ghost layers' A and B outlive the backward.
-Convolutions are Linear layers over unfolded patches, but the patches are unfolded only where cheaper: a 1×1
-convolution reads strided pixels, a large map's per-group gradients come from the convolution's own weight-gradient
-kernel (one call per group), and a ghost convolution's clipped sum is that kernel on the kept input, scaled.
+Convolutions are Linear layers over unfolded patches, but the patches are unfolded only where cheaper: a convolution
+whose windows are disjoint (1×1, a ViT's patch embedding) reads them through a strided view and forms its clipped sum
+by one matmul over them, a large map's per-group gradients come from the convolution's own weight-gradient kernel (one
+call per group), and another ghost convolution's clipped sum is that kernel on the kept input, scaled.
 
 Exact or refused. A layer is accepted only if its EXACT class is in `_RULES`, a registry of classes whose forward
 has been read and is the closed form its rule computes: Linear; Conv2d (a Linear over unfolded patches, its padding
@@ -465,7 +466,7 @@ class LayerwiseClipper:
             w = lg.grouped_conv_per_group(mod, padded, padding, gy32, num_groups)
             return self._elementwise(layer, {"weight": w, **grads})
         direct = _direct(members // num_groups * length, mod.in_channels * kh * kw, c_out)
-        if direct and not lg.is_pointwise(mod, padding) and length >= _CONV_LOOP_MIN_POSITIONS:
+        if direct and not lg.windows_disjoint(mod, padding) and length >= _CONV_LOOP_MIN_POSITIONS:
             w = lg.conv_per_group_by_kernel(mod, padded, padding, gy32, num_groups)
             return self._elementwise(layer, {"weight": w, **grads})
         cols = lg.conv_columns(mod, padded, padding)
