@@ -320,10 +320,9 @@ def conv_clipped_sum(
     else:
         gy32 = gy32 * per_member
     padded, padding = conv_input(conv, x32, same_pad)
-    if windows_disjoint(conv, padding) and conv.kernel_size == (1, 1):
-        pixels = padded[:, :, :: conv.stride[0], :: conv.stride[1]].flatten(2)
-        return torch.einsum("vol,vil->oi", gy32.flatten(2), pixels)
-    if windows_disjoint(conv, padding):  # (C_out, members·L) @ (members·L, C_in·kh·kw)
-        rows = window_rows(conv, padded)
+    if windows_disjoint(conv, padding):
+        if conv.kernel_size == (1, 1):  # the strided pixels, a view (`conv_columns`)
+            return torch.einsum("vol,vil->oi", gy32.flatten(2), conv_columns(conv, padded, padding))
+        rows = window_rows(conv, padded)  # (C_out, members·L) @ (members·L, C_in·kh·kw)
         return gy32.flatten(2).transpose(0, 1).reshape(gy.shape[1], -1) @ rows.reshape(-1, rows.shape[-1])
     return torch.nn.grad.conv2d_weight(padded, conv.weight.shape, gy32, conv.stride, padding, conv.dilation)
