@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_step import BATCH, CASES, FULL_BATCH, FULL_CASES  # noqa: E402
+from bench_step import BATCH, CASES, FULL_BATCH, FULL_CASES, build_case  # noqa: E402
 
 ENGINE_FILES = ("layer_grads", "layerwise")
 
@@ -62,19 +62,13 @@ def main() -> int:
     import torch
     import torch.nn.functional as F
 
-    from dpmix_dist.models import build_dp_model
     from dpmix_dist.privacy import layerwise
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    spec = {**CASES, **FULL_CASES}[args.case]
     batch = (FULL_BATCH if args.case in FULL_CASES else BATCH)[args.views]
-    torch.manual_seed(0)
-    dp = build_dp_model(spec["name"], spec["weights"], 10, norm=spec["norm"], trainable="all", image_size=spec["size"])
+    dp, x, y = build_case(args.case, batch, args.views)
     model, params = dp.model, dp.trainable_params()
-    torch.nn.init.normal_(model.get_classifier().weight, std=0.01)
-    x = torch.randn(batch, args.views, 3, spec["size"], spec["size"])
-    y = torch.randint(0, 10, (batch, args.views))
     flat_x, flat_y = x.flatten(0, 1), y.flatten(0, 1)
 
     def nonprivate() -> None:

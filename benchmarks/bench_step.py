@@ -67,6 +67,23 @@ def _cpu_step_peak_mb(step) -> float:
     return peak / 2**20
 
 
+def build_case(case: str, batch: int, num_views: int, device: str = "cpu"):
+    """A case's fully trainable model (seed 0, the classifier re-initialised so gradients are not all zero) on
+    `device`, and a random batch: (dp_model, x (batch, K, 3, H, W), y (batch, K))."""
+    import torch
+
+    from dpmix_dist.models import build_dp_model
+
+    spec = {**CASES, **FULL_CASES, **GPU_CASES}[case]
+    torch.manual_seed(0)
+    dp = build_dp_model(spec["name"], spec["weights"], 10, norm=spec["norm"], trainable="all", image_size=spec["size"])
+    dp.model.to(device)
+    torch.nn.init.normal_(dp.model.get_classifier().weight, std=0.01)
+    x = torch.randn(batch, num_views, 3, spec["size"], spec["size"], device=device)
+    y = torch.randint(0, 10, (batch, num_views), device=device)
+    return dp, x, y
+
+
 def worker(
     case: str, num_views: int, mode: str, batch: int, steps: int, device: str, precision: str, threads: int
 ) -> dict:
@@ -76,22 +93,15 @@ def worker(
     if threads:
         torch.set_num_threads(threads)
 
-    from dpmix_dist.models import build_dp_model
     from dpmix_dist.privacy.clipping import clipped_sum
     from dpmix_dist.privacy.layerwise import LayerwiseClipper
 
-    spec = {**CASES, **FULL_CASES, **GPU_CASES}[case]
     cuda = device == "cuda"
     amp = torch.bfloat16 if precision == "bf16" else None
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(0)
-    dp = build_dp_model(spec["name"], spec["weights"], 10, norm=spec["norm"], trainable="all", image_size=spec["size"])
-    model = dp.model.to(device)
-    torch.nn.init.normal_(model.get_classifier().weight, std=0.01)
-    params = dp.trainable_params()
-    x = torch.randn(batch, num_views, 3, spec["size"], spec["size"], device=device)
-    y = torch.randint(0, 10, (batch, num_views), device=device)
+    dp, x, y = build_case(case, batch, num_views, device)
+    model, params = dp.model, dp.trainable_params()
     flat_x, flat_y = x.flatten(0, 1), y.flatten(0, 1)
 
     def make(mode: str):
