@@ -199,6 +199,7 @@ class Tracker:
         self.experiment_id: str | None = None
         self._queue: list[tuple[str, Callable[[], Any]]] = []
         self._last_failure = 0.0
+        self._last_error = ""  # the last send's failure, named when the queue is given up on
         self._warned = False
         self.journal = output_dir / "metrics.jsonl"
         self.model_version: str | None = None
@@ -219,9 +220,10 @@ class Tracker:
                 fn()
             except _TRANSIENT as exc:  # the server is away or failing: keep training, keep the op for later
                 self._last_failure = time.time()
+                self._last_error = f"{what}: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
                 if not self._warned:
                     self.log(
-                        f"MLflow at {self.uri} unreachable ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+                        f"MLflow at {self.uri} unreachable ({self._last_error}); "
                         f"training goes on, metrics are kept in {self.journal} and sent when it answers"
                     )
                     self._warned = True
@@ -384,7 +386,8 @@ class Tracker:
         if self._queue:
             self.log(
                 f"MLflow at {self.uri}: could not send {', '.join(w for w, _ in self._queue)} within "
-                f"{self.cfg.flush_timeout_s:g} s; every metric is in {self.journal}, the model in "
+                f"{self.cfg.flush_timeout_s:g} s (last failure: {self._last_error}); every metric is in "
+                f"{self.journal}, the model in "
                 f"{self.output_dir / 'model.safetensors'}"
             )
 
