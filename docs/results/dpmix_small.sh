@@ -4,6 +4,7 @@
 #   bash docs/results/dpmix_small.sh tune      # settings chosen on the PUBLIC validation split (never the test set)
 #   bash docs/results/dpmix_small.sh table     # the reported runs: 3 replicates, test split evaluated once per run
 #   bash docs/results/dpmix_small.sh spot      # the paper's K = M = 16 (S = 8) at ε = 1, one replicate
+#   SEEDS=1,2 bash docs/results/dpmix_small.sh spot   # two more replicates of it
 # METHODS=a,b limits a stage to those methods; TAG=-x suffixes the tuning folders (the 2026-11-29 runs: `tune` with
 # METHODS=dpsgd,self_aug,dpmix_self, then METHODS=dpmix_diff TAG=-dpmix_diff once `make synthetic` had finished;
 # pick_settings.py reads both).
@@ -54,15 +55,17 @@ table)
     done
   done ;;
 spot)
+  # SEEDS=1,2 adds replicates in their own folders (spot-METHOD-reps12: a sweep's folder keeps its combinations)
   crop=$($PY docs/results/pick_settings.py crop "$OUT")
-  for method in self_aug dpmix_self dpmix_diff; do
+  seeds=${SEEDS:-0}; suffix=""; [ "$seeds" != 0 ] && suffix="-reps${seeds//,/}"
+  for method in dpmix_diff self_aug dpmix_self; do
     lr=$($PY docs/results/pick_settings.py lr "$OUT" "$method")
     extra=(augment.num_views=16)  # one method per sweep: plain overrides (scoped ones for absent methods are refused)
     case $method in
       dpmix_self) extra+=(augment.num_mixes=16) ;;
       dpmix_diff) extra+=(augment.num_mixes=16 augment.num_synthetic=8 augment.synthetic_root=data/fmnist_synthetic) ;;
     esac
-    sweep --epsilons 1 --methods "$method" --output-dir "$OUT/spot-$method" optim.lr=$lr \
+    sweep --epsilons 1 --methods "$method" --seeds "$seeds" --output-dir "$OUT/spot-$method$suffix" optim.lr=$lr \
       augment.crop_padding_fraction=$crop "${extra[@]}"
   done ;;
 *) echo "usage: $0 tune|table|spot" >&2; exit 2 ;;
