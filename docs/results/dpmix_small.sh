@@ -2,6 +2,7 @@
 # The DP-Mix comparison on the 2,000-example private subset (docs/results.md), stage by stage. Every stage is a
 # restartable launch/sweep.py call: run the script again and finished runs are skipped.
 #   bash docs/results/dpmix_small.sh tune      # settings chosen on the PUBLIC validation split (never the test set)
+#   SEEDS=1,2 TAG=-reps12 bash docs/results/dpmix_small.sh tune-lr   # two more replicates of each lr choice
 #   bash docs/results/dpmix_small.sh table     # the reported runs: 3 replicates, test split evaluated once per run
 #   bash docs/results/dpmix_small.sh spot      # the paper's K = M = 16 (S = 8) at ε = 1, one replicate
 #   SEEDS=1,2 bash docs/results/dpmix_small.sh spot   # two more replicates of it
@@ -43,6 +44,15 @@ tune)
       optim.lr=$lr $(sizes "$METHODS")
   done
   $PY docs/results/pick_settings.py show "$OUT" ;;
+tune-lr)
+  # more replicates of the learning-rate choice (pick_settings.py averages tune-lr-LR and tune-lr-LR-*): the
+  # 2026-11-30 runs are SEEDS=1,2 TAG=-reps12, every method, so each choice rests on 3 validation replicates
+  crop=$($PY docs/results/pick_settings.py crop "$OUT")
+  for lr in 1 3 9; do
+    sweep --epsilons 1 --methods "$METHODS" --seeds "${SEEDS:-0}" --output-dir "$OUT/tune-lr-$lr${TAG:-}" \
+      data.eval_split=validation optim.lr=$lr $(sizes "$METHODS")
+  done
+  $PY docs/results/pick_settings.py show "$OUT" ;;
 table)
   crop=$($PY docs/results/pick_settings.py crop "$OUT")
   for eps in 1 8 2; do  # ε = 1 first: the verdict's point
@@ -68,5 +78,5 @@ spot)
     sweep --epsilons 1 --methods "$method" --seeds "$seeds" --output-dir "$OUT/spot-$method$suffix" optim.lr=$lr \
       augment.crop_padding_fraction=$crop "${extra[@]}"
   done ;;
-*) echo "usage: $0 tune|table|spot" >&2; exit 2 ;;
+*) echo "usage: $0 tune|tune-lr|table|spot" >&2; exit 2 ;;
 esac
