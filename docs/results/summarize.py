@@ -5,7 +5,7 @@
 Writes OUT/tuning.csv (every validation run: stage, setting, method, validation accuracy), OUT/table.csv (every
 finished reported run, from its summary.json, so a sweep still under way contributes what it has) and OUT/spot.csv
 (the K = M = 16 spot check), and prints the table of test accuracy, mean ± std over replicates, per method and ε
-(non-private last).
+(non-private last), then the spot check's.
 """
 
 from __future__ import annotations
@@ -77,21 +77,26 @@ def main(runs: Path, out: Path) -> None:
     print("| method | group | " + " | ".join("non-private" if math.isinf(e) else f"ε = {e:g}" for e in epsilons) + " |")
     print("|---|---|" + "---|" * len(epsilons))
     for method in [m for m in order if any(r["method"] == m for r in table)]:
-        cells = []
-        for e in epsilons:
-            accs = [
-                100 * float(r["test_accuracy"])
-                for r in table
-                if r["method"] == method and float(r["target_epsilon"]) == e
-            ]
-            if not accs:
-                cells.append("–")
-            elif len(accs) == 1:
-                cells.append(f"{accs[0]:.2f} (n=1)")
-            else:
-                cells.append(f"{statistics.fmean(accs):.2f} ± {statistics.stdev(accs):.2f} (n={len(accs)})")
+        cells = [_cell(table, method, e) for e in epsilons]
         group = next(r["group_size"] for r in table if r["method"] == method)
         print(f"| `{method}` | {group} | " + " | ".join(cells) + " |")
+    if spot:
+        print("\nK = M = 16 (S = 8), ε = 1 (spot.csv):\n\n| method | group | test % |\n|---|---|---|")
+        for method in [m for m in order if any(r["method"] == m for r in spot)]:
+            group = next(r["group_size"] for r in spot if r["method"] == method)
+            print(f"| `{method}` | {group} | {_cell(spot, method, 1.0)} |")
+
+
+def _cell(rows: list[dict], method: str, epsilon: float) -> str:
+    """Test accuracy (%) of `method` at `epsilon`: mean ± std over replicates, and how many."""
+    accs = [
+        100 * float(r["test_accuracy"]) for r in rows if r["method"] == method and float(r["target_epsilon"]) == epsilon
+    ]
+    if not accs:
+        return "–"
+    if len(accs) == 1:
+        return f"{accs[0]:.2f} (n=1)"
+    return f"{statistics.fmean(accs):.2f} ± {statistics.stdev(accs):.2f} (n={len(accs)})"
 
 
 if __name__ == "__main__":
