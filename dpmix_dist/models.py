@@ -207,8 +207,11 @@ def _cut_head(m: nn.Module) -> ModelCut:
 
     probe = torch.randn(2, 3, *_input_size(m), generator=torch.Generator().manual_seed(0))
     try:
-        with torch.no_grad():
-            exact = torch.allclose(classifier(prefix(probe)), m.forward_head(m.forward_features(probe)), atol=1e-5)
+        with torch.no_grad():  # one forward of the body serves both sides (a copy: a head may work in place)
+            features = m.forward_features(probe)
+            exact = torch.allclose(
+                classifier(m.forward_head(features.clone(), pre_logits=True)), m.forward_head(features), atol=1e-5
+            )
     except (TypeError, RuntimeError):  # no pre_logits argument, or a classifier that does not take the pre-logits
         exact = False
     if not exact:

@@ -113,8 +113,8 @@ class Server:
         raise RuntimeError("mlflow server did not answer /health within 90 s")
 
     def stop(self) -> None:
-        """SIGTERM to the process group, SIGKILL after 20 s; returns once every process of the group is gone (the
-        parent exits before its uvicorn child, so a restart could otherwise race the old server for the port)."""
+        """SIGTERM to the process group, SIGKILL after 20 s; returns once every process of the group is gone (a
+        server's children can outlive its parent by seconds, and a restart must not race them for the port)."""
         if self.proc is None:
             return
         group, deadline = self.proc.pid, time.time() + 20
