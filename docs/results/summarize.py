@@ -3,9 +3,9 @@
     python docs/results/summarize.py runs/dpmix-small docs/results
 
 Writes OUT/tuning.csv (every validation run: stage, setting, method, validation accuracy), OUT/table.csv (every
-finished reported run, from its summary.json, so a sweep still under way contributes what it has) and OUT/spot.csv
-(the K = M = 16 spot check), and prints the table of test accuracy, mean ± std over replicates, per method and ε
-(non-private last), then the spot check's.
+finished reported run, from its summary.json, so a sweep still under way contributes what it has), OUT/spot.csv
+(the K = M = 16 spot check) and OUT/superseded.csv (runs whose setting a later choice replaced), and prints the
+table of test accuracy, mean ± std over replicates, per method and ε (non-private last), then the spot check's.
 """
 
 from __future__ import annotations
@@ -70,7 +70,18 @@ def main(runs: Path, out: Path) -> None:
         _, stage, value = folder.name.split("-", 2)  # tune-lr-3 or tune-lr-3-dpmix_diff
         tuning += _rows(folder, stage=stage, value=value.split("-")[0])
     table, spot = _finished(runs, "table-*"), _finished(runs, "spot-*")
-    for name, rows in (("tuning.csv", tuning), ("table.csv", table), ("spot.csv", spot)):
+    # runs a later setting choice replaced, kept and reported (superseded-WHY-SWEEP, e.g. superseded-lr9-table-...)
+    superseded = [
+        {"sweep": folder.name, **row}
+        for folder in sorted(runs.glob("superseded-*"))
+        for row in _finished(runs, folder.name)
+    ]
+    for name, rows in (
+        ("tuning.csv", tuning),
+        ("table.csv", table),
+        ("spot.csv", spot),
+        ("superseded.csv", superseded),
+    ):
         _write(out / name, rows)
     order = ["dpsgd", "self_aug", "dpmix_self", "dpmix_diff"]
     epsilons = sorted({float(r["target_epsilon"]) for r in table}, key=lambda e: (math.isinf(e), e))
