@@ -9,6 +9,7 @@
 # METHODS=a,b limits a stage to those methods; TAG=-x suffixes the tuning folders (the 2026-11-29 runs: `tune` with
 # METHODS=dpsgd,self_aug,dpmix_self, then METHODS=dpmix_diff TAG=-dpmix_diff once `make synthetic` had finished;
 # pick_settings.py reads both).
+# bash reads this file as it runs: editing it during a stage breaks that stage (run a copy for long stages).
 # Needs `make data` and `make synthetic` (dpmix_diff). Output: runs/dpmix-small/, CSVs copied to docs/results/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
