@@ -3,6 +3,7 @@
 # restartable launch/sweep.py call: run the script again and finished runs are skipped.
 #   bash docs/results/dpmix_small.sh tune      # settings chosen on the PUBLIC validation split (never the test set)
 #   SEEDS=1,2 TAG=-reps12 bash docs/results/dpmix_small.sh tune-lr   # two more replicates of each lr choice
+#   SEEDS=1,2 TAG=-reps12 bash docs/results/dpmix_small.sh tune-crop # and of each crop choice
 #   bash docs/results/dpmix_small.sh table     # the reported runs: 3 replicates, test split evaluated once per run
 #   bash docs/results/dpmix_small.sh spot      # the paper's K = M = 16 (S = 8) at ε = 1, one replicate
 #   SEEDS=1,2 bash docs/results/dpmix_small.sh spot   # two more replicates of it
@@ -45,6 +46,13 @@ tune)
       optim.lr=$lr $(sizes "$METHODS")
   done
   $PY docs/results/pick_settings.py show "$OUT" ;;
+tune-crop)
+  # more replicates of the crop choice (SEEDS=1,2 TAG=-reps12, as for tune-lr)
+  for crop in 0 0.03 0.125; do
+    sweep --epsilons 1 --methods self_aug --seeds "${SEEDS:-0}" --output-dir "$OUT/tune-crop-$crop${TAG:-}" \
+      data.eval_split=validation $(sizes self_aug)
+  done
+  $PY docs/results/pick_settings.py show "$OUT" ;;
 tune-lr)
   # more replicates of the learning-rate choice (pick_settings.py averages tune-lr-LR and tune-lr-LR-*): the
   # 2026-11-30 runs are SEEDS=1,2 TAG=-reps12, every method, so each choice rests on 3 validation replicates
@@ -79,5 +87,5 @@ spot)
     sweep --epsilons 1 --methods "$method" --seeds "$seeds" --output-dir "$OUT/spot-$method$suffix" optim.lr=$lr \
       augment.crop_padding_fraction=$crop "${extra[@]}"
   done ;;
-*) echo "usage: $0 tune|tune-lr|table|spot" >&2; exit 2 ;;
+*) echo "usage: $0 tune|tune-crop|tune-lr|table|spot" >&2; exit 2 ;;
 esac
