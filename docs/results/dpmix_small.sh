@@ -5,6 +5,7 @@
 #   SEEDS=1,2 TAG=-reps12 bash docs/results/dpmix_small.sh tune-lr   # two more replicates of each lr choice
 #   SEEDS=1,2 TAG=-reps12 bash docs/results/dpmix_small.sh tune-crop # and of each crop choice
 #   bash docs/results/dpmix_small.sh table     # the reported runs: 3 replicates, test split evaluated once per run
+#   bash docs/results/dpmix_small.sh crop-check  # ε = 1 at the crop 3 replicates pick, beside the table
 #   bash docs/results/dpmix_small.sh spot      # the paper's K = M = 16 (S = 8) at ε = 1, one replicate
 #   SEEDS=1,2 bash docs/results/dpmix_small.sh spot   # two more replicates of it
 # METHODS=a,b limits a stage to those methods; TAG=-x suffixes the tuning folders (the 2026-11-29 runs: `tune` with
@@ -73,6 +74,15 @@ table)
         optim.lr=$lr $(sizes "$method")
     done
   done ;;
+crop-check)
+  # ε = 1 at the crop that pick_settings.py now picks (3 replicates per crop: 1 px), each method at its chosen
+  # rate (tuned at crop 0): a sensitivity row beside the table, in folders summarize.py reports apart
+  crop=$($PY docs/results/pick_settings.py crop "$OUT")
+  for method in self_aug dpmix_self dpmix_diff; do
+    lr=$($PY docs/results/pick_settings.py lr "$OUT" "$method")
+    sweep --epsilons 1 --methods "$method" --seeds 0,1,2 --output-dir "$OUT/sensitivity-crop$crop-$method" \
+      optim.lr=$lr $(sizes "$method")
+  done ;;
 spot)
   # SEEDS=1,2 adds replicates in their own folders (spot-METHOD-reps12: a sweep's folder keeps its combinations)
   crop=$($PY docs/results/pick_settings.py crop "$OUT")
@@ -87,5 +97,5 @@ spot)
     sweep --epsilons 1 --methods "$method" --seeds "$seeds" --output-dir "$OUT/spot-$method$suffix" optim.lr=$lr \
       augment.crop_padding_fraction=$crop "${extra[@]}"
   done ;;
-*) echo "usage: $0 tune|tune-crop|tune-lr|table|spot" >&2; exit 2 ;;
+*) echo "usage: $0 tune|tune-crop|tune-lr|table|crop-check|spot" >&2; exit 2 ;;
 esac

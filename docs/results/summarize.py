@@ -4,7 +4,7 @@
 
 Writes OUT/tuning.csv (every validation run: stage, setting, method, validation accuracy), OUT/table.csv (every
 finished reported run, from its summary.json, so a sweep still under way contributes what it has), OUT/spot.csv
-(the K = M = 16 spot check) and OUT/superseded.csv (runs whose setting a later choice replaced), and prints the
+(the K = M = 16 spot check), OUT/superseded.csv and OUT/sensitivity.csv (runs reported apart), and prints the
 table of test accuracy, mean ± std over replicates, per method and ε (non-private last), then the spot check's.
 """
 
@@ -70,17 +70,14 @@ def main(runs: Path, out: Path) -> None:
         _, stage, value = folder.name.split("-", 2)  # tune-lr-3 or tune-lr-3-dpmix_diff
         tuning += _rows(folder, stage=stage, value=value.split("-")[0])
     table, spot = _finished(runs, "table-*"), _finished(runs, "spot-*")
-    # runs a later setting choice replaced, kept and reported (superseded-WHY-SWEEP, e.g. superseded-lr9-table-...)
-    superseded = [
-        {"sweep": folder.name, **row}
-        for folder in sorted(runs.glob("superseded-*"))
-        for row in _finished(runs, folder.name)
-    ]
-    for name, rows in (
-        ("tuning.csv", tuning),
-        ("table.csv", table),
-        ("spot.csv", spot),
-        ("superseded.csv", superseded),
+    # reported apart from the table: runs a later setting choice replaced (superseded-WHY-SWEEP), and checks of
+    # how a setting moves the result (sensitivity-WHAT-METHOD)
+    apart = {
+        kind: [{"sweep": f.name, **row} for f in sorted(runs.glob(f"{kind}-*")) for row in _finished(runs, f.name)]
+        for kind in ("superseded", "sensitivity")
+    }
+    for name, rows in (("tuning.csv", tuning), ("table.csv", table), ("spot.csv", spot)) + tuple(
+        (f"{kind}.csv", rows) for kind, rows in apart.items()
     ):
         _write(out / name, rows)
     order = ["dpsgd", "self_aug", "dpmix_self", "dpmix_diff"]
