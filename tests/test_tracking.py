@@ -117,19 +117,15 @@ class Server:
         server's children can outlive its parent by seconds, and a restart must not race them for the port)."""
         if self.proc is None:
             return
-        group, deadline = self.proc.pid, time.time() + 20
+        group = self.proc.pid
         try:
-            os.killpg(group, signal.SIGTERM)
-            while time.time() < deadline:
-                self.proc.poll()  # reap the parent, or the group never empties
-                os.killpg(group, 0)  # ProcessLookupError: the group is empty
-                time.sleep(0.1)
-            os.killpg(group, signal.SIGKILL)
-            deadline = time.time() + 20
-            while time.time() < deadline:
-                self.proc.poll()
-                os.killpg(group, 0)
-                time.sleep(0.1)
+            for sig in (signal.SIGTERM, signal.SIGKILL):  # SIGKILL only if the group outlives 20 s
+                os.killpg(group, sig)
+                deadline = time.time() + 20
+                while time.time() < deadline:
+                    self.proc.poll()  # reap the parent, or the group never empties
+                    os.killpg(group, 0)  # ProcessLookupError: the group is empty
+                    time.sleep(0.1)
         except ProcessLookupError:
             pass
         self.proc.wait()
