@@ -33,35 +33,32 @@ sizes() {  # the SIZES entries of the methods in $1 (the sweep refuses overrides
   true
 }
 
-case "${1:-}" in
-tune)
-  # 1. crop padding (a fraction of the input side), chosen once for every augmenting method with self_aug
+tune_crop() {  # crop padding (a fraction of the input side), chosen for every augmenting method with self_aug;
+  # $1: replicate labels, $2: folder suffix
   for crop in 0 0.03 0.125; do
-    sweep --epsilons 1 --methods self_aug --output-dir "$OUT/tune-crop-$crop" data.eval_split=validation \
-      $(sizes self_aug)
-  done
-  crop=$($PY docs/results/pick_settings.py crop "$OUT")
-  # 2. learning rate: the same three choices for every method
-  for lr in 1 3 9; do
-    sweep --epsilons 1 --methods "$METHODS" --output-dir "$OUT/tune-lr-$lr${TAG:-}" data.eval_split=validation \
-      optim.lr=$lr $(sizes "$METHODS")
-  done
-  $PY docs/results/pick_settings.py show "$OUT" ;;
-tune-crop)
-  # more replicates of the crop choice (SEEDS=1,2 TAG=-reps12, as for tune-lr)
-  for crop in 0 0.03 0.125; do
-    sweep --epsilons 1 --methods self_aug --seeds "${SEEDS:-0}" --output-dir "$OUT/tune-crop-$crop${TAG:-}" \
+    sweep --epsilons 1 --methods self_aug --seeds "$1" --output-dir "$OUT/tune-crop-$crop$2" \
       data.eval_split=validation $(sizes self_aug)
   done
-  $PY docs/results/pick_settings.py show "$OUT" ;;
-tune-lr)
-  # more replicates of the learning-rate choice (pick_settings.py averages tune-lr-LR and tune-lr-LR-*): the
-  # 2026-11-30 runs are SEEDS=1,2 TAG=-reps12, every method, so each choice rests on 3 validation replicates
+}
+tune_lr() {  # the learning rate: the same three choices for every method, at the chosen crop (pick_settings.py
+  # averages tune-lr-LR and tune-lr-LR-*); $1: replicate labels, $2: folder suffix
   crop=$($PY docs/results/pick_settings.py crop "$OUT")
   for lr in 1 3 9; do
-    sweep --epsilons 1 --methods "$METHODS" --seeds "${SEEDS:-0}" --output-dir "$OUT/tune-lr-$lr${TAG:-}" \
+    sweep --epsilons 1 --methods "$METHODS" --seeds "$1" --output-dir "$OUT/tune-lr-$lr$2" \
       data.eval_split=validation optim.lr=$lr $(sizes "$METHODS")
   done
+}
+
+case "${1:-}" in
+tune)  # one replicate per choice; TAG suffixes the lr folders only (the crop sweeps run once)
+  tune_crop 0 ""
+  tune_lr 0 "${TAG:-}"
+  $PY docs/results/pick_settings.py show "$OUT" ;;
+tune-crop)  # more replicates of the crop choice (the 2026-11-30 runs: SEEDS=1,2 TAG=-reps12)
+  tune_crop "${SEEDS:-0}" "${TAG:-}"
+  $PY docs/results/pick_settings.py show "$OUT" ;;
+tune-lr)  # more replicates of the lr choice (2026-11-30: SEEDS=1,2 TAG=-reps12, every method: 3 replicates each)
+  tune_lr "${SEEDS:-0}" "${TAG:-}"
   $PY docs/results/pick_settings.py show "$OUT" ;;
 table)
   crop=$($PY docs/results/pick_settings.py crop "$OUT")

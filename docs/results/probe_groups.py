@@ -1,6 +1,6 @@
 """Per-group gradients of the DP-Mix comparison's head, measured on PUBLIC images only (docs/results.md, "Why").
 
-    .venv/bin/python docs/results/probe_groups.py      # after `make data` and `make synthetic`; ~2 min
+    .venv/bin/python docs/results/probe_groups.py      # after `make data` and `make synthetic`; ~30 s
 
 The comparison trains a linear head (zero-init) on frozen 32-px EfficientNet-Lite0 features with C = 1 and
 σ = 4.531 at ε = 1 (expected batch 500). For one batch of 500 real PUBLIC training images, each method's groups are
@@ -19,6 +19,7 @@ from dpmix_dist.config import AugmentConfig
 from dpmix_dist.data.shards import load_split
 from dpmix_dist.data.transforms import to_model_input
 from dpmix_dist.models import build_dp_model
+from dpmix_dist.privacy.clipping import clip_factors
 
 BATCH, SEED, C, SIGMA = 500, 0, 1.0, 4.531
 SIZES = {  # the table's groups (docs/results/dpmix_small.sh), crop padding 0 (flip only)
@@ -104,7 +105,7 @@ for head_name, (w, bias) in heads.items():
         gb = err.sum(1)
         per_group = torch.cat([gw.flatten(1), gb], dim=1)
         norms = per_group.norm(dim=1)
-        factors = (C / norms).clamp(max=1.0)
+        factors = clip_factors(norms, C)  # the trainer's own min(1, C / norm)
         summed = (factors[:, None] * per_group).sum(0)
         if plain is None:  # dpsgd comes first: its unclipped batch gradient is the reference direction
             plain = per_group.sum(0)

@@ -70,16 +70,14 @@ def main(runs: Path, out: Path) -> None:
         _, stage, value = folder.name.split("-", 2)  # tune-lr-3 or tune-lr-3-dpmix_diff
         tuning += _rows(folder, stage=stage, value=value.split("-")[0])
     table, spot = _finished(runs, "table-*"), _finished(runs, "spot-*")
+    outputs = {"tuning": tuning, "table": table, "spot": spot}
     # reported apart from the table: runs a later setting choice replaced (superseded-WHY-SWEEP), and checks of
     # how a setting moves the result (sensitivity-WHAT-METHOD)
-    apart = {
-        kind: [{"sweep": f.name, **row} for f in sorted(runs.glob(f"{kind}-*")) for row in _finished(runs, f.name)]
-        for kind in ("superseded", "sensitivity")
-    }
-    for name, rows in (("tuning.csv", tuning), ("table.csv", table), ("spot.csv", spot)) + tuple(
-        (f"{kind}.csv", rows) for kind, rows in apart.items()
-    ):
-        _write(out / name, rows)
+    for kind in ("superseded", "sensitivity"):
+        folders = sorted(runs.glob(f"{kind}-*"))
+        outputs[kind] = [{"sweep": f.name, **row} for f in folders for row in _finished(runs, f.name)]
+    for kind, rows in outputs.items():
+        _write(out / f"{kind}.csv", rows)
     order = ["dpsgd", "self_aug", "dpmix_self", "dpmix_diff"]
     epsilons = sorted({float(r["target_epsilon"]) for r in table}, key=lambda e: (math.isinf(e), e))
     print("| method | group | " + " | ".join("non-private" if math.isinf(e) else f"ε = {e:g}" for e in epsilons) + " |")
